@@ -5,7 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: test test-slow lint bench clean-venv
+EXP ?= slippery_ant
+SCALE ?= small
+SEEDS ?=
+METHODS ?=
+WORKDIR ?= workdirs
+OVERRIDES ?=
+CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--seeds=$(SEEDS)) \
+	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o))
+
+.PHONY: test test-slow lint bench sweep list plots clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +41,18 @@ lint: $(STAMP)
 ## make bench: speed comparisons, printed as ratios measured in one run.
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/curvature.py
+
+## make sweep EXP=name [SCALE=paper] [SEEDS=n] [METHODS=a,b] [WORKDIR=dir] [OVERRIDES="k=v ..."]
+sweep: $(STAMP)
+	$(PY) -m spectral_plasticity.cli sweep $(CLI_ARGS)
+
+## make list: the experiments and their methods.
+list: $(STAMP)
+	$(PY) -m spectral_plasticity.cli list
+
+## make plots EXP=name: PNG figures of a sweep's results.
+plots: $(STAMP)
+	$(PY) -m spectral_plasticity.cli plots $(CLI_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

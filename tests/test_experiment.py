@@ -1,0 +1,79 @@
+"""Experiment configs: loading by name, overrides from the command line, clear errors."""
+
+import textwrap
+
+import ml_collections
+import pytest
+
+from spectral_plasticity import experiment
+
+
+@pytest.fixture
+def experiments_dir(tmp_path):
+    (tmp_path / "toy.py").write_text(textwrap.dedent("""
+        import ml_collections
+
+        def get_config(scale):
+            config = ml_collections.ConfigDict()
+            config.trainer = "supervised"
+            config.methods = ("bp", "l2")
+            config.seeds = 2 if scale == "small" else 30
+            config.sweep = ml_collections.ConfigDict()
+            config.optimizer = ml_collections.ConfigDict({"learning_rate": 0.01, "name": "sgd"})
+            return config
+    """))
+    (tmp_path / "_helpers.py").write_text("")
+    return tmp_path
+
+
+def test_load_config_by_name_and_scale(experiments_dir):
+    assert experiment.available_experiments(experiments_dir) == ["toy"]
+    small = experiment.load_config("toy", "small", experiments_dir)
+    paper = experiment.load_config("toy", "paper", experiments_dir)
+    assert (small.seeds, paper.seeds) == (2, 30)
+    assert small.experiment == "toy" and paper.scale == "paper"
+
+
+def test_unknown_experiment_and_scale_list_the_choices(experiments_dir):
+    with pytest.raises(ValueError, match=r"unknown experiment 'nope'; choose one of \['toy'\]"):
+        experiment.load_config("nope", "small", experiments_dir)
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        experiment.load_config("toy", "huge", experiments_dir)
+
+
+def test_overrides_set_typed_values(experiments_dir):
+    config = experiment.load_config("toy", "small", experiments_dir)
+    experiment.apply_override(config, "optimizer.learning_rate=3e-4")
+    experiment.apply_override(config, "optimizer.learning_rate=1")
+    experiment.apply_override(config, "seeds=5")
+    experiment.apply_override(config, "methods=bp,l2_er")
+    experiment.apply_override(config, "optimizer.name=adam")
+    assert config.optimizer.learning_rate == 1.0
+    assert isinstance(config.optimizer.learning_rate, float)
+    assert config.seeds == 5
+    assert config.methods == ("bp", "l2_er")
+    assert config.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize(
+    ("assignment", "match"),
+    [
+        ("optimizer.lr=0.1", r"unknown config key 'optimizer.lr'; valid keys of optimizer: "
+                             r"\['learning_rate', 'name'\]"),
+        ("model.width=3", "has no section 'model'"),
+        ("seeds=many", "bad value for seeds"),
+        ("seeds", "must look like key=value"),
+    ],
+)
+def test_bad_overrides_are_refused(experiments_dir, assignment, match):
+    config = experiment.load_config("toy", "small", experiments_dir)
+    with pytest.raises(ValueError, match=match):
+        experiment.apply_override(config, assignment)
+    assert isinstance(config, ml_collections.ConfigDict)
+
+
+def test_unknown_trainer_is_refused(experiments_dir):
+    config = experiment.load_config("toy", "small", experiments_dir)
+    config.trainer = "evolution"
+    with pytest.raises(ValueError, match="unknown trainer 'evolution'"):
+        experiment.make_trainer(config)
