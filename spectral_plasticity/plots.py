@@ -1,0 +1,242 @@
+"""The figures of a sweep: performance per task, Hessian spectra, epsilon-rank, feature rank.
+
+``plot_experiment(workdir, config)`` reads every method's ``results.csv`` (and the spectral
+densities in ``arrays/``) under ``workdir`` and writes PNGs to ``workdir/plots``:
+
+- ``performance.png``: the performance metric per task, one line per method (and swept
+  setting), with a 95% confidence band over seeds (Student t);
+- ``spectral_density.png``: the Hessian spectral density of the new task's loss at its
+  initialization, at chosen tasks, per method (log density);
+- ``epsilon_rank.png``: the epsilon-rank at new-task initialization over tasks;
+- ``epsilon_rank_vs_performance.png``: epsilon-rank against performance, every (run, task), with
+  the R^2 of a linear fit per method and overall;
+- ``features.png``: the mean effective rank of hidden features and the dormant fraction.
+
+Column names come from ``config.plots`` (see ``PlotColumns``); a figure whose columns are absent
+from the results is skipped with a log line, never drawn empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from spectral_plasticity.train.results import load_arrays
+
+
+@dataclass(frozen=True)
+class PlotColumns:
+    """Which result columns the figures use (set per experiment in ``config.plots``)."""
+
+    performance: str = "eval_accuracy"
+    performance_label: str = "held-out accuracy"
+    epsilon_rank: str = "epsilon_rank_init"
+    effective_rank_prefix: str = "effective_rank/"
+    dormant_prefix: str = "dormant_fraction/"
+    density: str = "density_init"
+    density_grid: str = "density_grid"
+    row: str = "task"
+
+    @classmethod
+    def from_config(cls, config: Any) -> PlotColumns:
+        overrides = dict(config.get("plots", {}) or {}) if config is not None else {}
+        unknown = set(overrides) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown config.plots keys {sorted(unknown)}; valid: "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**overrides)
+
+
+def confidence_band(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, ...]:
+    """Mean and Student-t confidence interval over axis 0 (seeds): ``(mean, low, high)``.
+
+    With one seed the interval collapses to the mean.
+    """
+    values = np.asarray(values, dtype=float)
+    mean = np.nanmean(values, axis=0)
+    n = np.sum(np.isfinite(values), axis=0)
+    if values.shape[0] < 2:
+        return mean, mean, mean
+    sem = np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.maximum(n, 1))
+    half = stats.t.ppf(0.5 + level / 2, np.maximum(n - 1, 1)) * sem
+    return mean, mean - half, mean + half
+
+
+def r_squared(x: np.ndarray, y: np.ndarray) -> float:
+    """Coefficient of determination of the least-squares line ``y ~ a x + b``."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    return float(1.0 - residual @ residual / np.sum((y - y.mean()) ** 2))
+
+
+def load_results(workdir: Path) -> dict[str, pd.DataFrame]:
+    """``results.csv`` of every method (sub-directory) under ``workdir``."""
+    tables = {}
+    for path in sorted(Path(workdir).glob("*/results.csv")):
+        tables[path.parent.name] = pd.read_csv(path)
+    return tables
+
+
+def _setting_columns(table: pd.DataFrame, columns: PlotColumns) -> list[str]:
+    """Swept hyperparameter columns: those between ``seed`` and the row index."""
+    cols = list(table.columns)
+    return cols[cols.index("seed") + 1 : cols.index(columns.row)]
+
+
+def _curves(table: pd.DataFrame, metric: str, columns: PlotColumns):
+    """Per swept setting: (label suffix, rows, seeds x rows matrix of ``metric``)."""
+    settings = _setting_columns(table, columns)
+    groups = table.groupby(settings) if settings else [((), table)]
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        suffix = ", ".join(f"{s}={v:g}" for s, v in zip(settings, key, strict=True))
+        matrix = group.pivot_table(index="seed", columns=columns.row, values=metric,
+                                   dropna=False)
+        yield suffix, matrix.columns.to_numpy(), matrix.to_numpy()
+
+
+def _label(method: str, suffix: str) -> str:
+    return f"{method} ({suffix})" if suffix else method
+
+
+def _plot_over_rows(ax, tables, metric, columns) -> bool:
+    drawn = False
+    for method, table in tables.items():
+        if metric not in table:
+            continue
+        for suffix, rows, matrix in _curves(table, metric, columns):
+            keep = np.isfinite(matrix).any(axis=0)
+            mean, low, high = confidence_band(matrix[:, keep])
+            line = ax.plot(rows[keep], mean, label=_label(method, suffix))[0]
+            ax.fill_between(rows[keep], low, high, color=line.get_color(), alpha=0.2)
+            drawn = True
+    ax.set_xlabel(columns.row)
+    return drawn
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_experiment(workdir: str | Path, config: Any = None,
+                    density_rows: tuple[int, ...] | None = None) -> list[Path]:
+    """Writes the figures of the sweep in ``workdir``; returns the PNG paths written."""
+    workdir = Path(workdir)
+    columns = PlotColumns.from_config(config)
+    tables = load_results(workdir)
+    if not tables:
+        raise ValueError(f"no results under {workdir}: run `make sweep` first "
+                         "(each method writes <workdir>/<method>/results.csv)")
+    out = workdir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if _plot_over_rows(ax, tables, columns.performance, columns):
+        ax.set_ylabel(columns.performance_label)
+        ax.set_title("Performance per task (mean, 95% CI over seeds)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "performance.png"))
+    else:
+        plt.close(fig)
+        logging.info("no %r column: performance plot skipped", columns.performance)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if _plot_over_rows(ax, tables, columns.epsilon_rank, columns):
+        ax.set_ylabel("epsilon-rank at new-task init")
+        ax.set_title("Hessian epsilon-rank over tasks (mean, 95% CI)")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out / "epsilon_rank.png"))
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        all_x, all_y = [], []
+        for method, table in tables.items():
+            both = table[[columns.epsilon_rank, columns.performance]].dropna()
+            if both.empty:
+                continue
+            x, y = both[columns.epsilon_rank].to_numpy(), both[columns.performance].to_numpy()
+            all_x.append(x)
+            all_y.append(y)
+            ax.scatter(x, y, s=6, alpha=0.5, label=f"{method} (R²={r_squared(x, y):.2f})")
+        if all_x:
+            total = r_squared(np.concatenate(all_x), np.concatenate(all_y))
+            ax.set_title(f"epsilon-rank vs performance, R² = {total:.3f}")
+            ax.set_xlabel("epsilon-rank at new-task init")
+            ax.set_ylabel(columns.performance_label)
+            ax.legend(fontsize=7)
+            written.append(_save(fig, out / "epsilon_rank_vs_performance.png"))
+        else:
+            plt.close(fig)
+    else:
+        plt.close(fig)
+        logging.info("no %r column: epsilon-rank plots skipped", columns.epsilon_rank)
+
+    written += _plot_densities(workdir, tables, columns, out, density_rows)
+
+    feature_cols = {
+        "effective rank (mean over layers)": columns.effective_rank_prefix,
+        "dormant fraction (mean over layers)": columns.dormant_prefix,
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for ax, (title, prefix) in zip(axes, feature_cols.items(), strict=True):
+        means = {}
+        for method, table in tables.items():
+            layer_cols = [c for c in table.columns if c.startswith(prefix)]
+            if layer_cols:
+                means[method] = table.assign(_mean=table[layer_cols].mean(axis=1))
+        if means:
+            drawn |= _plot_over_rows(ax, means, "_mean", columns)
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+    if drawn:
+        written.append(_save(fig, out / "features.png"))
+    else:
+        plt.close(fig)
+    return written
+
+
+def _plot_densities(workdir, tables, columns, out, density_rows) -> list[Path]:
+    curves = {}
+    for method in tables:
+        arrays = load_arrays(workdir / method)
+        if columns.density in arrays and columns.density_grid in arrays:
+            curves[method] = (arrays[columns.density_grid], arrays[columns.density])
+    if not curves:
+        logging.info("no %r arrays: spectral density plot skipped", columns.density)
+        return []
+    any_density = next(iter(curves.values()))[1]
+    measured = np.flatnonzero(np.isfinite(any_density[0]).all(axis=-1)
+                              & (np.abs(any_density[0]).sum(axis=-1) > 0))
+    if density_rows is None:
+        density_rows = tuple(measured[[0, len(measured) // 2, -1]]) if len(measured) else ()
+    if not density_rows:
+        return []
+    fig, axes = plt.subplots(1, len(density_rows), figsize=(4.5 * len(density_rows), 3.8),
+                             squeeze=False)
+    for ax, row in zip(axes[0], density_rows, strict=True):
+        for method, (grid, density) in curves.items():
+            ax.semilogy(grid[0, row], np.maximum(density[0, row], 1e-12), label=method, lw=1)
+        ax.set_title(f"new-task init, {columns.row} {row} (seed 0)")
+        ax.set_xlabel("eigenvalue")
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=7)
+    return [_save(fig, out / "spectral_density.png")]
