@@ -108,6 +108,15 @@ def _runs_sharding() -> tuple[NamedSharding, int]:
     return NamedSharding(mesh, PartitionSpec("runs")), len(devices)
 
 
+def _to_host(metrics: Metrics) -> dict[str, np.ndarray]:
+    """Metrics as numpy arrays on this host; gathered from every host on a multi-host run."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        metrics = multihost_utils.process_allgather(metrics, tiled=True)
+    return {k: np.asarray(v) for k, v in metrics.items()}
+
+
 def _split_metrics(
     metrics: Mapping[str, np.ndarray], rows_per_chunk: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -189,7 +198,8 @@ def run_sweep(
                "runs": [{"seed": s, **h} for h, s in runs], "devices": num_devices,
                "num_chunks": trainer.num_chunks, "row_name": trainer.row_name,
                "chunks_done": start}
-    results.write_summary(run_dir, summary)
+    if jax.process_index() == 0:
+        results.write_summary(run_dir, summary)
 
     stop = {"requested": False}
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -207,7 +217,7 @@ def run_sweep(
         for chunk in range(start, end):
             t0 = time.perf_counter()
             state, metrics = run_chunk(state, hp)
-            metrics_np = {k: np.asarray(v)[: len(runs)] for k, v in metrics.items()}
+            metrics_np = {k: v[: len(runs)] for k, v in _to_host(metrics).items()}
             scalars, arrays = _split_metrics(metrics_np, trainer.rows_per_chunk)
             for i, (h, s) in enumerate(runs):
                 bad = [k for k, v in metrics_np.items()
@@ -227,11 +237,13 @@ def run_sweep(
                 **{k: v.reshape(-1) for k, v in scalars.items()},
                 "diverged": np.repeat(diverged, trainer.rows_per_chunk),
             })
-            results.save_chunk_arrays(run_dir, chunk, arrays)
-            rows_written = table.append(rows)
+            if jax.process_index() == 0:
+                results.save_chunk_arrays(run_dir, chunk, arrays)
+                rows_written = table.append(rows)
             checkpointer.save(chunk + 1, state, {"rows": rows_written, "diverged": diverged})
             summary.update(chunks_done=chunk + 1, seconds_last_chunk=time.perf_counter() - t0)
-            results.write_summary(run_dir, summary)
+            if jax.process_index() == 0:
+                results.write_summary(run_dir, summary)
             bar.update((chunk + 1) * trainer.rows_per_chunk * trainer.work_per_row)
             if stop["requested"]:
                 logging.warning("%s: SIGTERM received; stopped cleanly after chunk %d (saved)",
