@@ -237,10 +237,18 @@ def run_sweep(
                 **{k: v.reshape(-1) for k, v in scalars.items()},
                 "diverged": np.repeat(diverged, trainer.rows_per_chunk),
             })
-            if jax.process_index() == 0:
-                results.save_chunk_arrays(run_dir, chunk, arrays)
-                rows_written = table.append(rows)
-            checkpointer.save(chunk + 1, state, {"rows": rows_written, "diverged": diverged})
+            try:
+                if jax.process_index() == 0:
+                    results.save_chunk_arrays(run_dir, chunk, arrays)
+                    rows_written = table.append(rows)
+                checkpointer.save(chunk + 1, state, {"rows": rows_written, "diverged": diverged})
+            except OSError as error:
+                raise OSError(
+                    f"{label}: could not write chunk {chunk + 1} to {run_dir} "
+                    f"({error.strerror or error}); the checkpoint of chunk {chunk} and the rows "
+                    "before it are intact: free space or fix permissions, then run the same "
+                    "command to resume"
+                ) from error
             summary.update(chunks_done=chunk + 1, seconds_last_chunk=time.perf_counter() - t0)
             if jax.process_index() == 0:
                 results.write_summary(run_dir, summary)

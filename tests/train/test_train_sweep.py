@@ -145,3 +145,21 @@ def test_hparam_grid_and_bad_sweeps():
     with pytest.raises(ValueError, match="same keys"):
         run_sweep(sweep_fixture.make_trainer(), seeds=[0], hparams=[{"lr": 1.0}, {"l2": 1.0}],
                   run_dir="unused", config={})
+
+
+def test_a_failing_write_keeps_the_saved_work(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _sweep(run_dir, max_chunks=2)
+    before = (run_dir / "results.csv").read_bytes()
+
+    def disk_full(self, rows):
+        raise OSError(28, "No space left on device")
+
+    from spectral_plasticity.train import results
+
+    monkeypatch.setattr(results.ResultsTable, "append", disk_full)
+    with pytest.raises(OSError, match="checkpoint of chunk 2 and the rows before it are intact"):
+        _sweep(run_dir)
+    monkeypatch.undo()
+    assert (run_dir / "results.csv").read_bytes() == before
+    pd.testing.assert_frame_equal(_sweep(run_dir), _sweep(tmp_path / "whole"), check_exact=True)
