@@ -5,7 +5,7 @@ an orthonormal basis ``V = [v_1 .. v_m]`` of the Krylov space ``span{v0, A v0, .
 and the tridiagonal ``T = V^T A V`` with diagonal ``alpha`` and off-diagonal ``beta``:
 
     w = A v_j - beta_(j-1) v_(j-1);  alpha_j = <w, v_j>;  w <- w - alpha_j v_j;
-    w <- w - V (V^T w)   (twice: "twice is enough", Parlett 1980);
+    w <- w - V (V^T w)   (repeated once when needed: "twice is enough", Parlett 1980);
     beta_j = ||w||;  v_(j+1) = w / beta_j.
 
 The eigenvalues of ``T`` (Ritz values) approximate the extreme eigenvalues of ``A``; with the
@@ -33,6 +33,8 @@ import jax.numpy as jnp
 # A step breaks down when beta_j <= BREAKDOWN_FACTOR * sqrt(m) * eps * ||A||, i.e. when the new
 # direction is at the level of the rounding error of a reorthogonalized product.
 BREAKDOWN_FACTOR = 10.0
+# Reorthogonalize a second time when one pass left less than this fraction of the norm.
+DGKS_RATIO = 0.7071
 
 
 class LanczosResult(NamedTuple):
@@ -89,38 +91,40 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_iters: 
     eps = jnp.finfo(dtype).eps
     v0 = v0 / jnp.linalg.norm(v0)
 
+    # One spare row and one spare beta, so every step writes at j + 1 / j unconditionally.
     def step(j, carry):
         basis, alphas, betas, valid, anorm = carry
         v = basis[j]
         w = matvec(v).astype(dtype)
-        beta_prev = jnp.where(j > 0, betas[jnp.maximum(j - 1, 0)], 0.0)
-        w = w - beta_prev * basis[jnp.maximum(j - 1, 0)]
+        beta_prev = jnp.where(j > 0, betas[j - 1], 0.0)
+        w = w - beta_prev * basis[j - 1]
         alpha = jnp.vdot(w, v)
         w = w - alpha * v
-        for _ in range(2):  # classical Gram-Schmidt, twice
+        # Classical Gram-Schmidt against the whole basis; a second pass only when the first
+        # removed most of w (the DGKS criterion, Daniel et al. 1976), i.e. when orthogonality
+        # was actually being lost. Each pass reads the (m, n) basis twice.
+        def project_out(w):
             w = w - basis.T @ (basis @ w)
-        beta = jnp.linalg.norm(w)
+            return w, jnp.linalg.norm(w)
+
+        norm_before = jnp.linalg.norm(w)
+        w, beta = project_out(w)
+        w, beta = jax.lax.cond(beta < DGKS_RATIO * norm_before, project_out,
+                               lambda w: (w, beta), w)
         anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev)
-        alphas = alphas.at[j].set(jnp.where(valid, alpha, 0.0))
         # Breakdown: the new direction is rounding noise relative to ||A||.
         keep_going = valid & (beta > BREAKDOWN_FACTOR * num_iters ** 0.5 * eps * anorm)
-        is_last = j == num_iters - 1
-        betas = jnp.where(is_last, betas,
-                          betas.at[jnp.minimum(j, num_iters - 2)].set(
-                              jnp.where(keep_going, beta, 0.0)))
-        next_v = jnp.where(keep_going, w / jnp.where(keep_going, beta, 1.0), 0.0)
-        basis = jnp.where(is_last, basis, basis.at[jnp.minimum(j + 1, num_iters - 1)].set(next_v))
+        alphas = alphas.at[j].set(jnp.where(valid, alpha, 0.0))
+        betas = betas.at[j].set(jnp.where(keep_going, beta, 0.0))
+        basis = basis.at[j + 1].set(jnp.where(keep_going, w / jnp.where(keep_going, beta, 1.0),
+                                              0.0))
         return basis, alphas, betas, keep_going, anorm
 
-    basis = jnp.zeros((num_iters, n), dtype).at[0].set(v0)
-    alphas = jnp.zeros((num_iters,), dtype)
-    betas = jnp.zeros((max(num_iters - 1, 0),), dtype)
-    init = (basis, alphas, betas, jnp.array(True), jnp.zeros((), dtype))
-    if num_iters == 1:
-        w = matvec(v0).astype(dtype)
-        alphas = alphas.at[0].set(jnp.vdot(w, v0))
-        return LanczosResult(alphas, betas, jnp.array(1), basis if return_basis else None)
+    basis = jnp.zeros((num_iters + 1, n), dtype).at[0].set(v0)
+    init = (basis, jnp.zeros((num_iters,), dtype), jnp.zeros((num_iters,), dtype),
+            jnp.array(True), jnp.zeros((), dtype))
     basis, alphas, betas, _, _ = jax.lax.fori_loop(0, num_iters, step, init)
+    basis, betas = basis[:num_iters], betas[: num_iters - 1]
     num_valid = 1 + jnp.sum(betas > 0)
     return LanczosResult(alphas, betas, num_valid, basis if return_basis else None)
 
