@@ -80,7 +80,7 @@ def pyhessian_setup(params, inputs, labels, widths):
         if name != "head":
             layers.append(torch.nn.ReLU())
     model = torch.nn.Sequential(*layers).eval()
-    data = (torch.from_numpy(inputs), torch.from_numpy(labels.astype(np.int64)))
+    data = (torch.from_numpy(inputs.copy()), torch.from_numpy(labels.astype(np.int64)))
     return PyHessian(model, torch.nn.CrossEntropyLoss(), data=data, cuda=False)
 
 
