@@ -1,0 +1,63 @@
+"""The interface of a continual task stream, as the trainer consumes it inside ``jax.jit``.
+
+A stream is a sequence of ``num_tasks`` tasks. The trainer asks for one task at a time, inside
+its compiled loop, with a traced task index:
+
+- ``begin_task(key, task) -> task_state``: a small pytree (a permutation, a class subset, the
+  slow bits...) drawn from ``key`` and ``task`` only, so a run is reproducible from its key and
+  a task can be re-created after a restart;
+- ``train_batch(task_state, step, batch_size) -> (x, y)``: the ``step``-th batch of the task's
+  single pass over its ``train_size`` examples (materialised per batch, never per stream);
+- ``eval_data(task_state) -> (x, y)``: the task's ``eval_size`` held-out examples (evaluation and
+  the new-task Hessian);
+- ``output_mask(task_state) -> (num_outputs,) bool``: the logits that are valid in this task.
+
+Shapes are static; everything is pure and works under ``jax.vmap`` over run keys.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+TaskState = Any
+
+
+class TaskStream(abc.ABC):
+    """Base class of continual task streams (see the module docstring)."""
+
+    name: str
+    num_tasks: int
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    train_size: int
+    eval_size: int
+    loss: ClassVar[str] = "cross_entropy"  # or "squared_error"
+    reset_head: bool = False
+
+    @abc.abstractmethod
+    def begin_task(self, key: jax.Array, task: jax.Array) -> TaskState: ...
+
+    @abc.abstractmethod
+    def train_batch(self, task_state: TaskState, step: jax.Array, batch_size: int
+                    ) -> tuple[jax.Array, jax.Array]: ...
+
+    @abc.abstractmethod
+    def eval_data(self, task_state: TaskState) -> tuple[jax.Array, jax.Array]: ...
+
+    def output_mask(self, task_state: TaskState) -> jax.Array:
+        del task_state
+        return jnp.ones((self.num_outputs,), bool)
+
+    def check_batch_size(self, batch_size: int) -> int:
+        """Steps per task for ``batch_size``; a clear error unless it divides the task."""
+        if batch_size < 1 or batch_size > self.train_size:
+            raise ValueError(f"batch_size {batch_size} must lie in [1, {self.train_size}] "
+                             f"(the examples per task of {self.name})")
+        if self.train_size % batch_size:
+            raise ValueError(f"batch_size {batch_size} must divide the {self.train_size} "
+                             f"examples per task of {self.name}")
+        return self.train_size // batch_size
