@@ -18,6 +18,7 @@ import ast
 import importlib
 import importlib.util
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,12 @@ def load_config(name: str, scale: str = "small",
     spec = importlib.util.spec_from_file_location(f"experiments.{name}", directory / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(scale)
+    sys.path.insert(0, str(directory))  # experiment files may build on each other
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(scale)
+    finally:
+        sys.path.remove(str(directory))
     config.experiment = name
     config.scale = scale
     return config

@@ -37,9 +37,15 @@ from spectral_plasticity.methods.effective_rank import Features, LayerChoice, er
 PyTree = Any
 
 
-def _check_non_negative(**values: float) -> None:
+def _is_zero(value: float | jax.Array) -> bool:
+    """True for a Python zero (a traced strength, e.g. a vmapped hyperparameter, never is)."""
+    return isinstance(value, int | float) and value == 0
+
+
+def _check_non_negative(**values: float | jax.Array) -> None:
+    """Raises for negative Python numbers; traced values (vmapped sweeps) are not checked."""
     for name, value in values.items():
-        if value < 0:
+        if isinstance(value, int | float) and value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
 
 
@@ -105,9 +111,9 @@ def spectral_reg(l2: float = 1e-3, erank: float = 1e-2, *, layers: LayerChoice =
         del extra_args
         if params is None:
             raise ValueError("spectral_reg needs params: call update(grads, state, params, ...)")
-        if l2:
+        if not _is_zero(l2):
             updates = jax.tree.map(lambda u, p: u + sign * l2 * p, updates, params)
-        if erank:
+        if not _is_zero(erank):
             if features_fn is None:
                 raise ValueError("spectral_reg with erank > 0 needs the extra argument "
                                  "features_fn=lambda params: model features on the batch")
@@ -299,7 +305,7 @@ def shrink_perturb(shrink: float, noise_std: float, *, toward: str = "zero",
     _check_non_negative(shrink=shrink, noise_std=noise_std)
     if toward not in ("zero", "init"):
         raise ValueError(f"toward must be 'zero' or 'init', got {toward!r}")
-    if shrink > 1:
+    if isinstance(shrink, int | float) and shrink > 1:
         raise ValueError(f"shrink must lie in [0, 1], got {shrink}")
 
     def init_fn(params):

@@ -1,0 +1,274 @@
+"""The continual supervised trainer: any task stream, any plasticity method, one pure run.
+
+``make_train(config)`` returns a ``ChunkedTrainer``: ``init(key, hparams)`` builds one run
+(model, optimizer and method state, its PRNG key) and ``run_chunk(state, hparams)`` trains on
+``tasks_per_chunk`` consecutive tasks as one ``lax.scan``; each task is one pass over its
+examples, a ``lax.scan`` of optimizer steps. The sweep runner ``vmap``s both over seeds and
+hyperparameters and checkpoints between chunks.
+
+Per task (one row) it records the online training loss and accuracy, the held-out loss and
+accuracy at the task's end, the weight norm, every feature metric of every hidden layer on the
+held-out examples, and — for the first task of every chunk, so every ``tasks_per_chunk`` tasks
+(``measure_hessian``) — the paper's measurement: the SLQ spectral density and epsilon-rank of
+the **new task's** loss on its held-out examples at the new task's initialization (the
+parameters where the previous task ended) and at its end, with the largest Ritz value. Rows of
+unmeasured tasks hold NaN there.
+
+Hyperparameters in ``hparams`` (vmapped by the runner) override the config: ``learning_rate``
+and any method setting of ``method_registry.DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from spectral_plasticity import metrics
+from spectral_plasticity.curvature import dataset_operator, epsilon_rank, spectral_density
+from spectral_plasticity.methods import (
+    cbp_init,
+    cbp_step,
+    erank_ascent,
+    redo_step,
+    reset_all,
+    reset_head,
+)
+from spectral_plasticity.models import MLP, ConvNet, unit_layers
+from spectral_plasticity.tasks import TaskStream, make_stream
+from spectral_plasticity.train import method_registry
+from spectral_plasticity.train.sweep import ChunkedTrainer
+
+PyTree = Any
+
+
+class RunState(NamedTuple):
+    """Everything one run carries between tasks (and into a checkpoint)."""
+
+    params: PyTree
+    opt_state: PyTree
+    method_state: PyTree
+    erank_buffer: jax.Array
+    key: jax.Array
+    task: jax.Array
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of every field ``make_train`` reads (experiments override them)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "supervised"
+    c.method = "bp"
+    c.methods = ("bp",)
+    c.seeds = 1
+    c.sweep = ml_collections.ConfigDict()
+    c.stream = ml_collections.ConfigDict({
+        "name": "permuted_mnist", "num_tasks": 10, "train_size": 1000, "eval_size": 500,
+        "data_dir": "", "flip_after": 10_000, "mode": "shuffled"})
+    c.model = ml_collections.ConfigDict({
+        "kind": "mlp", "hidden_sizes": (100, 100, 100), "activation": "relu"})
+    c.optimizer = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 1e-2})
+    c.batch_size = 1
+    c.tasks_per_chunk = 5
+    c.measure_hessian = True
+    c.hessian = ml_collections.ConfigDict({
+        "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500})
+    c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
+    c.plots = ml_collections.ConfigDict({"performance": "eval_accuracy"})
+    return c
+
+
+def _stream(config: ml_collections.ConfigDict) -> TaskStream:
+    s = config.stream
+    if s.name == "slowly_changing_regression":
+        return make_stream(s.name, num_tasks=s.num_tasks, flip_after=s.flip_after,
+                           eval_size=s.eval_size)
+    kwargs = {"num_tasks": s.num_tasks, "train_size": s.train_size or None,
+              "eval_size": s.eval_size}
+    if s.name.startswith("relabeled"):
+        kwargs["mode"] = s.mode
+    return make_stream(s.name, data_dir=s.data_dir or None, **kwargs)
+
+
+def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bool):
+    m = config.model
+    if m.kind == "mlp":
+        return MLP(hidden_sizes=tuple(m.hidden_sizes), num_outputs=stream.num_outputs,
+                   activation=m.activation, layer_norm=layer_norm)
+    if m.kind == "convnet":
+        return ConvNet(num_outputs=stream.num_outputs, activation=m.activation,
+                       layer_norm=layer_norm)
+    raise ValueError(f"unknown model kind {m.kind!r}; choose 'mlp' or 'convnet'")
+
+
+def per_example_loss(kind: str, outputs: jax.Array, targets: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy over the valid logits, or squared error; shape ``(batch,)``."""
+    if kind == "squared_error":
+        return jnp.sum((outputs - targets) ** 2, axis=-1)
+    if mask is not None:
+        outputs = jnp.where(mask, outputs, -1e9)
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+
+
+def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
+    """The chunked trainer of ``config`` (see ``default_config`` for the fields)."""
+    config = ml_collections.ConfigDict(config)
+    plan = method_registry.method_plan(config.method, dict(config.method_settings))
+    stream = _stream(config)
+    steps = stream.check_batch_size(config.batch_size)
+    if config.tasks_per_chunk < 1 or stream.num_tasks % config.tasks_per_chunk:
+        raise ValueError(f"tasks_per_chunk {config.tasks_per_chunk} must divide num_tasks "
+                         f"{stream.num_tasks}")
+    model = _model(config, stream, plan.layer_norm)
+    pairs = unit_layers(model)
+    loss_kind = stream.loss
+    hess = config.hessian
+    eval_examples = min(hess.examples, stream.eval_size)
+    er_batch = int(plan.settings["erank_batch"]) if (plan.erank_ascent or plan.needs_features_fn
+                                                     or plan.recycling == "redo") else 0
+    dummy = jnp.zeros((1, *stream.input_shape), jnp.float32)
+
+    def apply(params, x):
+        return model.apply({"params": params}, x)
+
+    def init_params(key):
+        return model.init(key, dummy)["params"]
+
+    def setting(hparams, name):
+        return hparams.get(name, plan.settings.get(name))
+
+    def optimizer(hparams):
+        lr = hparams.get("learning_rate", config.optimizer.learning_rate)
+        kwargs = {k: v for k, v in config.optimizer.items() if k not in ("name", "learning_rate")}
+        settings = {k: hparams.get(k, v) for k, v in plan.settings.items()}
+        local = method_registry.method_plan(config.method, settings)
+        base = method_registry.base_optimizer(config.optimizer.name, lr, **kwargs)
+        return method_registry.build_optimizer(local, base)
+
+    def init(key, hparams):
+        key, init_key = jax.random.split(key)
+        params = init_params(init_key)
+        method_state = cbp_init(params, pairs) if plan.recycling == "cbp" else ()
+        return RunState(params=params, opt_state=optimizer(hparams).init(params),
+                        method_state=method_state,
+                        erank_buffer=jnp.zeros((er_batch, *stream.input_shape), jnp.float32),
+                        key=key, task=jnp.zeros((), jnp.int32))
+
+    def curvature(params, x, y, mask, key):
+        loss_fn = lambda out, t: per_example_loss(loss_kind, out, t, mask)
+        op = dataset_operator(apply, loss_fn, params, (x, y), chunk_size=hess.chunk_size)
+        density = spectral_density(op, key=key, num_iters=min(hess.num_iters, op.dim),
+                                   grid_size=hess.grid_size)
+        return {"epsilon_rank": epsilon_rank(density, hess.eps),
+                "top_eigenvalue": jnp.max(jnp.where(density.weights > 0, density.nodes,
+                                                    -jnp.inf)),
+                "density": density.density, "density_grid": density.grid}
+
+    def nan_curvature():
+        nan = jnp.full((), jnp.nan)
+        grid = jnp.full((hess.grid_size,), jnp.nan)
+        return {"epsilon_rank": nan, "top_eigenvalue": nan, "density": grid,
+                "density_grid": grid}
+
+    def run_task(state: RunState, hparams, measure: bool):
+        tx = optimizer(hparams)
+        stream_key = jax.random.fold_in(state.key, 0)
+        task_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.task)
+        task_state = stream.begin_task(stream_key, state.task)
+        mask = stream.output_mask(task_state)
+        eval_x, eval_y = stream.eval_data(task_state)
+        hess_x, hess_y = eval_x[:eval_examples], eval_y[:eval_examples]
+        params, opt_state = state.params, state.opt_state
+        k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
+        if plan.reset_every_task:
+            params, opt_state = reset_all(init_params(k_reset), tx)
+        if stream.reset_head:
+            params, opt_state = reset_head(params, opt_state, init_params(k_reset), tx)
+        at_init = curvature(params, hess_x, hess_y, mask, k_init) if measure else nan_curvature()
+
+        def step(carry, i):
+            params, opt_state, method_state, buffer = carry
+            step_key = jax.random.fold_in(k_steps, i)
+            x, y = stream.train_batch(task_state, i, config.batch_size)
+
+            def loss_fn(p):
+                out, feats = apply(p, x)
+                return jnp.mean(per_example_loss(loss_kind, out, y, mask)), (out, feats)
+
+            (loss, (out, feats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            if er_batch:
+                buffer = jnp.concatenate([buffer, x])[-er_batch:]
+            features_fn = lambda p: apply(p, buffer)[1]
+            updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
+                                           key=step_key)
+            params = optax.apply_updates(params, updates)
+            if plan.erank_ascent:
+                every = int(plan.settings["erank_every"])
+                params = jax.lax.cond(
+                    i % every == every - 1,
+                    lambda p: erank_ascent(p, features_fn, layers=plan.settings["erank_layers"],
+                                           learning_rate=setting(hparams,
+                                                                 "erank_learning_rate")),
+                    lambda p: p, params)
+            if plan.recycling == "cbp":
+                params, opt_state, method_state, _ = cbp_step(
+                    params, opt_state, method_state, feats, init_params(step_key),
+                    optimizer=tx, layer_pairs=pairs,
+                    replacement_rate=float(plan.settings["replacement_rate"]),
+                    decay_rate=float(plan.settings["cbp_decay"]),
+                    maturity_threshold=int(plan.settings["maturity_threshold"]))
+            if plan.recycling == "redo":
+                every = int(plan.settings["redo_every"])
+                params, opt_state = jax.lax.cond(
+                    i % every == every - 1,
+                    lambda po: redo_step(po[0], po[1], apply(po[0], buffer)[1],
+                                         init_params(step_key), optimizer=tx,
+                                         layer_pairs=pairs,
+                                         tau=float(plan.settings["redo_tau"]))[:2],
+                    lambda po: po, (params, opt_state))
+            if loss_kind == "cross_entropy":
+                correct = jnp.mean(jnp.argmax(jnp.where(mask, out, -jnp.inf), -1) == y)
+            else:
+                correct = jnp.nan
+            return (params, opt_state, method_state, buffer), (loss, correct)
+
+        carry = (params, opt_state, state.method_state, state.erank_buffer)
+        (params, opt_state, method_state, buffer), (losses, correct) = jax.lax.scan(
+            step, carry, jnp.arange(steps))
+        eval_out, eval_features = apply(params, eval_x)
+        eval_losses = per_example_loss(loss_kind, eval_out, eval_y, mask)
+        row = {
+            "train_loss": jnp.mean(losses),
+            "train_accuracy": jnp.mean(correct),
+            "eval_loss": jnp.mean(eval_losses),
+            "eval_accuracy": (jnp.mean(jnp.argmax(jnp.where(mask, eval_out, -jnp.inf), -1)
+                                       == eval_y) if loss_kind == "cross_entropy" else jnp.nan),
+            "weight_norm": metrics.weight_norm(params),
+            **metrics.feature_metrics(eval_features),
+        }
+        at_end = curvature(params, hess_x, hess_y, mask, k_end) if measure else nan_curvature()
+        row |= {f"{k}_init": v for k, v in at_init.items()}
+        row |= {f"{k}_end": v for k, v in at_end.items()}
+        row["density_grid"] = row.pop("density_grid_init")
+        new_state = RunState(params, opt_state, method_state, buffer, state.key, state.task + 1)
+        return new_state, row
+
+    def run_chunk(state: RunState, hparams: Mapping[str, jax.Array]):
+        if config.measure_hessian:
+            state, first = run_task(state, hparams, measure=True)
+            state, rest = jax.lax.scan(lambda s, _: run_task(s, hparams, measure=False), state,
+                                       None, length=config.tasks_per_chunk - 1)
+            rows = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+        else:
+            state, rows = jax.lax.scan(lambda s, _: run_task(s, hparams, measure=False), state,
+                                       None, length=config.tasks_per_chunk)
+        return state, rows
+
+    return ChunkedTrainer(init=init, run_chunk=run_chunk,
+                          num_chunks=stream.num_tasks // config.tasks_per_chunk,
+                          rows_per_chunk=config.tasks_per_chunk, row_name="task",
+                          work_per_row=1, work_unit="tasks")
