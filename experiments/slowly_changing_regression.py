@@ -5,12 +5,16 @@ hidden units, Adam, squared error. The paper's other benchmarks do not include i
 the cheapest continual problem with a known loss of plasticity.
 """
 
+import ml_collections
+
 from spectral_plasticity.train.supervised import default_config
 
 
 def get_config(scale: str = "small"):
     config = default_config()
-    config.stream.name = "slowly_changing_regression"
+    config.stream = ml_collections.ConfigDict({
+        "name": "slowly_changing_regression", "num_tasks": 40, "flip_after": 2000,
+        "eval_size": 1000, "data_dir": ""})
     config.model.hidden_sizes = (5,)
     config.optimizer.name, config.optimizer.learning_rate = "adam", 1e-2
     config.batch_size = 1
@@ -19,7 +23,6 @@ def get_config(scale: str = "small"):
     config.plots.performance_label = "held-out squared error"
     config.method_settings.erank_layers = "all"
     config.hessian.update(eps=0.01, examples=1000, num_iters=30)
-    config.stream.eval_size = 1000
     if scale == "paper":
         config.stream.num_tasks, config.stream.flip_after = 100, 10_000
         config.tasks_per_chunk = 10

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 
@@ -83,7 +82,9 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_iters: 
       A ``LanczosResult``. Memory: the ``(m, n)`` basis is kept either way (full
       reorthogonalization needs it).
     """
-    chex.assert_rank(v0, 1)
+    if jnp.ndim(v0) != 1:
+        raise ValueError(f"v0 must be a flat vector, got shape {jnp.shape(v0)}; flatten a "
+                         "pytree with CurvatureOperator.ravel or jax.flatten_util.ravel_pytree")
     n = v0.shape[0]
     if not 1 <= num_iters <= n:
         raise ValueError(f"num_iters must be between 1 and the dimension {n}, got {num_iters}")
@@ -102,9 +103,11 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_iters: 
         w = w - alpha * v
         # Classical Gram-Schmidt against the whole basis; a second pass only when the first
         # removed most of w (the DGKS criterion, Daniel et al. 1976), i.e. when orthogonality
-        # was actually being lost. Each pass reads the (m, n) basis twice.
+        # was actually being lost. Each pass reads the (m, n) basis twice: memory traffic, not
+        # arithmetic, bounds its cost. ``(V w) V`` keeps both products row-major (``V.T @ c``
+        # makes XLA transpose the basis every step: about 2x slower at 2.8M parameters).
         def project_out(w):
-            w = w - basis.T @ (basis @ w)
+            w = w - (basis @ w) @ basis
             return w, jnp.linalg.norm(w)
 
         norm_before = jnp.linalg.norm(w)

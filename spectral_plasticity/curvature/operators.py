@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -188,7 +187,9 @@ def _flat_operator(product: Callable[[PyTree, PyTree], PyTree], selected: PyTree
     flat, unravel = ravel_pytree(selected)
 
     def matvec(x: jax.Array) -> jax.Array:
-        chex.assert_shape(x, flat.shape)
+        if jnp.shape(x) != flat.shape:
+            raise ValueError(f"the operator acts on vectors of shape {flat.shape} (the "
+                             f"selected parameters, flattened), got {jnp.shape(x)}")
         return ravel_pytree(product(selected, unravel(x.astype(flat.dtype))))[0]
 
     return CurvatureOperator(matvec=matvec, dim=int(flat.size), unravel=unravel, params=selected)
@@ -223,7 +224,11 @@ def model_outputs(apply_fn: Callable[..., Any], params: PyTree, inputs: jax.Arra
 
 def _chunked(data: tuple[jax.Array, jax.Array], chunk_size: int
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Data reshaped to ``(num_chunks, chunk_size, ...)`` with per-example weights 1/N (0 pad)."""
+    """Data reshaped to ``(num_chunks, chunk_size, ...)`` with per-example weights 1/N.
+
+    A partial last chunk is filled with copies of the first examples (real inputs, so a loss or
+    normalization that is undefined at zero cannot inject NaN) carrying weight exactly 0.
+    """
     inputs, targets = data
     n = inputs.shape[0]
     if targets.shape[0] != n:
@@ -238,11 +243,24 @@ def _chunked(data: tuple[jax.Array, jax.Array], chunk_size: int
     pad = num_chunks * chunk_size - n
 
     def reshape(a: jax.Array) -> jax.Array:
-        a = jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+        a = a[jnp.arange(num_chunks * chunk_size) % n] if pad else a
         return a.reshape((num_chunks, chunk_size, *a.shape[1:]))
 
     weights = jnp.concatenate([jnp.full((n,), 1.0 / n), jnp.zeros((pad,))])
     return reshape(inputs), reshape(targets), weights.reshape((num_chunks, chunk_size))
+
+
+def check_per_example_loss(apply_fn: Callable[..., Any],
+                           loss_fn: Callable[[jax.Array, jax.Array], jax.Array], params: PyTree,
+                           inputs: jax.Array, targets: jax.Array) -> None:
+    """Raises a ValueError unless ``loss_fn`` returns one loss per example of the batch."""
+    out = jax.eval_shape(lambda p, x, y: loss_fn(model_outputs(apply_fn, p, x), y), params,
+                         inputs, targets)
+    expected = (inputs.shape[0],)
+    if getattr(out, "shape", None) != expected:
+        raise ValueError(f"loss_fn(outputs, targets) must return one loss per example, shape "
+                         f"{expected}, got {getattr(out, 'shape', type(out).__name__)}; do not "
+                         "average inside it (the data operators weight the examples)")
 
 
 def dataset_loss(apply_fn: Callable[..., Any], loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -250,11 +268,11 @@ def dataset_loss(apply_fn: Callable[..., Any], loss_fn: Callable[[jax.Array, jax
                  ) -> jax.Array:
     """Mean per-example loss over ``data``, evaluated chunk by chunk."""
     xs, ys, ws = _chunked(data, chunk_size)
+    check_per_example_loss(apply_fn, loss_fn, params, xs[0], ys[0])
 
     def body(total, chunk):
         x, y, w = chunk
         losses = loss_fn(model_outputs(apply_fn, params, x), y)
-        chex.assert_shape(losses, w.shape)
         return total + jnp.sum(w * losses), None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ys, ws))[0]
@@ -272,8 +290,9 @@ def dataset_operator(apply_fn: Callable[..., Any],
     ``lax.scan``, so memory is that of one chunk.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs) -> outputs`` (or ``(outputs, features)``), e.g.
-        ``lambda p, x: model.apply({'params': p}, x)``.
+      apply_fn: ``apply_fn(params, inputs) -> outputs``; a tuple return (our models'
+        ``(outputs, features)``) uses its first element. For any other output structure, wrap:
+        ``lambda p, x: model.apply({'params': p}, x)['logits']``.
       loss_fn: per-example loss ``loss_fn(outputs, targets) -> (batch,)``.
       params: where the curvature is taken.
       data: ``(inputs, targets)`` with a leading example axis.
@@ -284,6 +303,7 @@ def dataset_operator(apply_fn: Callable[..., Any],
     if kind not in ("hessian", "ggn"):
         raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
     xs, ys, ws = _chunked(data, chunk_size)
+    check_per_example_loss(apply_fn, loss_fn, params, xs[0], ys[0])
     selected, rest = partition(params, selection_mask(params, layers))
 
     def chunk_product(p: PyTree, v: PyTree, x: jax.Array, y: jax.Array, w: jax.Array) -> PyTree:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,7 +39,7 @@ from spectral_plasticity.methods import (
     reset_all,
     reset_head,
 )
-from spectral_plasticity.models import MLP, ConvNet, unit_layers
+from spectral_plasticity.models import MLP, ConvNet, ResNet18, unit_layers
 from spectral_plasticity.tasks import TaskStream, make_stream
 from spectral_plasticity.train import method_registry
 from spectral_plasticity.train.sweep import ChunkedTrainer
@@ -47,12 +48,17 @@ PyTree = Any
 
 
 class RunState(NamedTuple):
-    """Everything one run carries between tasks (and into a checkpoint)."""
+    """Everything one run carries between tasks (and into a checkpoint).
+
+    ``model_state`` holds the model's non-trained variables (BatchNorm running statistics of
+    ResNet-18), ``{}`` for models without any.
+    """
 
     params: PyTree
+    model_state: PyTree
     opt_state: PyTree
     method_state: PyTree
-    erank_buffer: jax.Array
+    erank_buffer: jax.Array | tuple[()]  # the last inputs seen, for feature-based methods
     key: jax.Array
     task: jax.Array
 
@@ -67,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.stream = ml_collections.ConfigDict({
         "name": "permuted_mnist", "num_tasks": 10, "train_size": 1000, "eval_size": 500,
-        "data_dir": "", "flip_after": 10_000, "mode": "shuffled"})
+        "data_dir": ""})
     c.model = ml_collections.ConfigDict({
         "kind": "mlp", "hidden_sizes": (100, 100, 100), "activation": "relu"})
     c.optimizer = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 1e-2})
@@ -82,18 +88,23 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _stream(config: ml_collections.ConfigDict) -> TaskStream:
-    s = config.stream
-    if s.name == "slowly_changing_regression":
-        return make_stream(s.name, num_tasks=s.num_tasks, flip_after=s.flip_after,
-                           eval_size=s.eval_size)
-    kwargs = {"num_tasks": s.num_tasks, "train_size": s.train_size or None,
-              "eval_size": s.eval_size}
-    if s.name.startswith("relabeled"):
-        kwargs["mode"] = s.mode
-    return make_stream(s.name, data_dir=s.data_dir or None, **kwargs)
+    """``make_stream`` of ``config.stream.name`` with every other field of ``config.stream``
+    as its options (``train_size`` 0: all training examples)."""
+    options = dict(config.stream)
+    name, data_dir = options.pop("name"), options.pop("data_dir", "") or None
+    if options.get("train_size") == 0:
+        options["train_size"] = None
+    try:
+        return make_stream(name, data_dir=data_dir, **options)
+    except TypeError as error:
+        raise ValueError(f"bad option in config.stream for stream {name!r}: {error}") from error
 
 
-def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bool):
+MODEL_KINDS = ("mlp", "convnet", "resnet18")
+
+
+def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bool
+           ) -> nn.Module:
     m = config.model
     if m.kind == "mlp":
         return MLP(hidden_sizes=tuple(m.hidden_sizes), num_outputs=stream.num_outputs,
@@ -101,7 +112,20 @@ def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bo
     if m.kind == "convnet":
         return ConvNet(num_outputs=stream.num_outputs, activation=m.activation,
                        layer_norm=layer_norm)
-    raise ValueError(f"unknown model kind {m.kind!r}; choose 'mlp' or 'convnet'")
+    if m.kind == "resnet18":
+        if layer_norm:
+            raise ValueError("resnet18 is batch-normalized; LayerNorm methods need mlp/convnet")
+        return ResNet18(num_outputs=stream.num_outputs)
+    raise ValueError(f"unknown model kind {m.kind!r}; choose one of {list(MODEL_KINDS)}")
+
+
+def _check_sweep(config: ml_collections.ConfigDict, plan: method_registry.MethodPlan) -> None:
+    """Refuses swept hyperparameters that the trainer would silently ignore."""
+    valid = {"learning_rate", *plan.settings}
+    unknown = sorted(set(config.sweep) - valid)
+    if unknown:
+        raise ValueError(f"cannot sweep {unknown} with method {config.method!r}; sweepable: "
+                         f"{sorted(valid)}")
 
 
 def per_example_loss(kind: str, outputs: jax.Array, targets: jax.Array,
@@ -114,6 +138,11 @@ def per_example_loss(kind: str, outputs: jax.Array, targets: jax.Array,
     return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
 
 
+def accuracy(outputs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-example correctness of the argmax over the valid logits; shape ``(batch,)``."""
+    return jnp.argmax(jnp.where(mask, outputs, -jnp.inf), -1) == labels
+
+
 def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     """The chunked trainer of ``config`` (see ``default_config`` for the fields)."""
     config = ml_collections.ConfigDict(config)
@@ -123,20 +152,36 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     if config.tasks_per_chunk < 1 or stream.num_tasks % config.tasks_per_chunk:
         raise ValueError(f"tasks_per_chunk {config.tasks_per_chunk} must divide num_tasks "
                          f"{stream.num_tasks}")
+    _check_sweep(config, plan)
     model = _model(config, stream, plan.layer_norm)
-    pairs = unit_layers(model)
+    pairs = unit_layers(model) if plan.recycling else []
     loss_kind = stream.loss
+    classification = loss_kind == "cross_entropy"
     hess = config.hessian
     eval_examples = min(hess.examples, stream.eval_size)
     er_batch = int(plan.settings["erank_batch"]) if (plan.erank_ascent or plan.needs_features_fn
                                                      or plan.recycling == "redo") else 0
     dummy = jnp.zeros((1, *stream.input_shape), jnp.float32)
 
-    def apply(params, x):
-        return model.apply({"params": params}, x)
+    train_kwargs = {"train": True} if isinstance(model, ResNet18) else {}
+
+    def init_variables(key):
+        variables = model.init(key, dummy)
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def init_params(key):
-        return model.init(key, dummy)["params"]
+        return init_variables(key)[0]
+
+    def predict(params, model_state, x):
+        """Outputs and features in evaluation mode (BatchNorm running statistics)."""
+        return model.apply({"params": params, **model_state}, x)
+
+    def train_apply(params, model_state, x):
+        """Outputs, features and the updated model state in training mode."""
+        if not model_state:
+            return model.apply({"params": params}, x), model_state
+        return model.apply({"params": params, **model_state}, x, mutable=list(model_state),
+                           **train_kwargs)
 
     def setting(hparams, name):
         return hparams.get(name, plan.settings.get(name))
@@ -151,15 +196,18 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
 
     def init(key, hparams):
         key, init_key = jax.random.split(key)
-        params = init_params(init_key)
+        params, model_state = init_variables(init_key)
         method_state = cbp_init(params, pairs) if plan.recycling == "cbp" else ()
-        return RunState(params=params, opt_state=optimizer(hparams).init(params),
+        return RunState(params=params, model_state=model_state,
+                        opt_state=optimizer(hparams).init(params),
                         method_state=method_state,
-                        erank_buffer=jnp.zeros((er_batch, *stream.input_shape), jnp.float32),
+                        erank_buffer=(jnp.zeros((er_batch, *stream.input_shape), jnp.float32)
+                                      if er_batch else ()),
                         key=key, task=jnp.zeros((), jnp.int32))
 
-    def curvature(params, x, y, mask, key):
+    def curvature(params, model_state, x, y, mask, key):
         loss_fn = lambda out, t: per_example_loss(loss_kind, out, t, mask)
+        apply = lambda p, inputs: predict(p, model_state, inputs)
         op = dataset_operator(apply, loss_fn, params, (x, y), chunk_size=hess.chunk_size)
         density = spectral_density(op, key=key, num_iters=min(hess.num_iters, op.dim),
                                    grid_size=hess.grid_size)
@@ -182,27 +230,31 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         mask = stream.output_mask(task_state)
         eval_x, eval_y = stream.eval_data(task_state)
         hess_x, hess_y = eval_x[:eval_examples], eval_y[:eval_examples]
-        params, opt_state = state.params, state.opt_state
+        params, model_state, opt_state = state.params, state.model_state, state.opt_state
         k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
         if plan.reset_every_task:
-            params, opt_state = reset_all(init_params(k_reset), tx)
+            fresh_params, model_state = init_variables(k_reset)
+            params, opt_state = reset_all(fresh_params, tx)
         if stream.reset_head:
             params, opt_state = reset_head(params, opt_state, init_params(k_reset), tx)
-        at_init = curvature(params, hess_x, hess_y, mask, k_init) if measure else nan_curvature()
+        at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
+                   else nan_curvature())
 
         def step(carry, i):
-            params, opt_state, method_state, buffer = carry
+            params, model_state, opt_state, method_state, buffer = carry
             step_key = jax.random.fold_in(k_steps, i)
             x, y = stream.train_batch(task_state, i, config.batch_size)
 
             def loss_fn(p):
-                out, feats = apply(p, x)
-                return jnp.mean(per_example_loss(loss_kind, out, y, mask)), (out, feats)
+                (out, feats), new_model_state = train_apply(p, model_state, x)
+                loss = jnp.mean(per_example_loss(loss_kind, out, y, mask))
+                return loss, (out, feats, new_model_state)
 
-            (loss, (out, feats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, (out, feats, model_state)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(params)
             if er_batch:
                 buffer = jnp.concatenate([buffer, x])[-er_batch:]
-            features_fn = lambda p: apply(p, buffer)[1]
+            features_fn = lambda p: predict(p, model_state, buffer)[1]
             updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
                                            key=step_key)
             params = optax.apply_updates(params, updates)
@@ -225,36 +277,36 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                 every = int(plan.settings["redo_every"])
                 params, opt_state = jax.lax.cond(
                     i % every == every - 1,
-                    lambda po: redo_step(po[0], po[1], apply(po[0], buffer)[1],
+                    lambda po: redo_step(po[0], po[1], features_fn(po[0]),
                                          init_params(step_key), optimizer=tx,
                                          layer_pairs=pairs,
                                          tau=float(plan.settings["redo_tau"]))[:2],
                     lambda po: po, (params, opt_state))
-            if loss_kind == "cross_entropy":
-                correct = jnp.mean(jnp.argmax(jnp.where(mask, out, -jnp.inf), -1) == y)
-            else:
-                correct = jnp.nan
-            return (params, opt_state, method_state, buffer), (loss, correct)
+            outputs = {"loss": loss}
+            if classification:
+                outputs["correct"] = jnp.mean(accuracy(out, y, mask))
+            return (params, model_state, opt_state, method_state, buffer), outputs
 
-        carry = (params, opt_state, state.method_state, state.erank_buffer)
-        (params, opt_state, method_state, buffer), (losses, correct) = jax.lax.scan(
+        carry = (params, model_state, opt_state, state.method_state, state.erank_buffer)
+        (params, model_state, opt_state, method_state, buffer), online = jax.lax.scan(
             step, carry, jnp.arange(steps))
-        eval_out, eval_features = apply(params, eval_x)
-        eval_losses = per_example_loss(loss_kind, eval_out, eval_y, mask)
+        eval_out, eval_features = predict(params, model_state, eval_x)
         row = {
-            "train_loss": jnp.mean(losses),
-            "train_accuracy": jnp.mean(correct),
-            "eval_loss": jnp.mean(eval_losses),
-            "eval_accuracy": (jnp.mean(jnp.argmax(jnp.where(mask, eval_out, -jnp.inf), -1)
-                                       == eval_y) if loss_kind == "cross_entropy" else jnp.nan),
+            "train_loss": jnp.mean(online["loss"]),
+            "eval_loss": jnp.mean(per_example_loss(loss_kind, eval_out, eval_y, mask)),
             "weight_norm": metrics.weight_norm(params),
             **metrics.feature_metrics(eval_features),
         }
-        at_end = curvature(params, hess_x, hess_y, mask, k_end) if measure else nan_curvature()
+        if classification:
+            row["train_accuracy"] = jnp.mean(online["correct"])
+            row["eval_accuracy"] = jnp.mean(accuracy(eval_out, eval_y, mask))
+        at_end = (curvature(params, model_state, hess_x, hess_y, mask, k_end) if measure
+                  else nan_curvature())
         row |= {f"{k}_init": v for k, v in at_init.items()}
         row |= {f"{k}_end": v for k, v in at_end.items()}
         row["density_grid"] = row.pop("density_grid_init")
-        new_state = RunState(params, opt_state, method_state, buffer, state.key, state.task + 1)
+        new_state = RunState(params, model_state, opt_state, method_state, buffer, state.key,
+                             state.task + 1)
         return new_state, row
 
     def run_chunk(state: RunState, hparams: Mapping[str, jax.Array]):
@@ -271,4 +323,5 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     return ChunkedTrainer(init=init, run_chunk=run_chunk,
                           num_chunks=stream.num_tasks // config.tasks_per_chunk,
                           rows_per_chunk=config.tasks_per_chunk, row_name="task",
-                          work_per_row=1, work_unit="tasks")
+                          work_per_row=1, work_unit="tasks",
+                          divergence_keys=("train_loss", "eval_loss", "weight_norm"))

@@ -49,6 +49,10 @@ class ChunkedTrainer(NamedTuple):
       row_name: what a row is (``"task"``, ``"phase"``), the name of the row-index column.
       work_per_row: units of work in one row, for the progress bar (e.g. environment steps).
       work_unit: name of that unit.
+      divergence_keys: the metrics whose non-finite values mean that a run diverged (its
+        loss, its weight norm). Other metrics may be NaN where nothing was measured (a
+        Hessian measured every few tasks, a return before any episode ended). ``None``: every
+        floating metric counts.
     """
 
     init: Callable[[jax.Array, Hparams], PyTree]
@@ -58,6 +62,7 @@ class ChunkedTrainer(NamedTuple):
     row_name: str = "task"
     work_per_row: int = 1
     work_unit: str = "tasks"
+    divergence_keys: tuple[str, ...] | None = None
 
 
 class ConfigChangedError(ValueError):
@@ -221,7 +226,8 @@ def run_sweep(
             scalars, arrays = _split_metrics(metrics_np, trainer.rows_per_chunk)
             for i, (h, s) in enumerate(runs):
                 bad = [k for k, v in metrics_np.items()
-                       if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v[i]))]
+                       if (trainer.divergence_keys is None or k in trainer.divergence_keys)
+                       and np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v[i]))]
                 if bad and not diverged[i]:
                     diverged[i] = True
                     logging.warning("%s: run seed=%d %s diverged (non-finite %s) in chunk %d; "

@@ -8,7 +8,17 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from spectral_plasticity.models import MLP
+
+class SmallMLP(nn.Module):
+    """8 inputs -> dense 16 -> tanh -> dense 16 -> tanh -> head 4 (484 params), as our models:
+    layers ``hidden_{i}`` and ``head``, returning ``(outputs, features)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        features = {}
+        for i in range(2):
+            x = features[f"hidden_{i}"] = jnp.tanh(nn.Dense(16, name=f"hidden_{i}")(x))
+        return nn.Dense(4, name="head")(x), features
 
 
 class SmallConvNet(nn.Module):
@@ -52,12 +62,12 @@ def mlp_problem():
     key_x, key_y = jax.random.split(jax.random.key(42))
     inputs = jax.random.normal(key_x, (64, 8))
     labels = jax.random.randint(key_y, (64,), 0, 4)
-    return Problem(MLP(hidden_sizes=(16, 16), num_outputs=4, activation="tanh"), inputs, labels)
+    return Problem(SmallMLP(), inputs, labels)
 
 
 @pytest.fixture(scope="session")
 def conv_problem():
     key_x, key_y = jax.random.split(jax.random.key(7))
-    inputs = jax.random.normal(key_x, (32, 8, 8, 2))
-    labels = jax.random.randint(key_y, (32,), 0, 3)
+    inputs = jax.random.normal(key_x, (16, 8, 8, 2))
+    labels = jax.random.randint(key_y, (16,), 0, 3)
     return Problem(SmallConvNet(), inputs, labels)

@@ -82,3 +82,8 @@ def test_lanczos_is_one_compiled_loop_and_vmaps():
 def test_bad_num_iters():
     with pytest.raises(ValueError, match="num_iters must be between 1 and the dimension 10"):
         lanczos(lambda v: v, jnp.ones(10), 11)
+
+
+def test_v0_must_be_a_flat_vector():
+    with pytest.raises(ValueError, match="v0 must be a flat vector, got shape \\(2, 5\\)"):
+        lanczos(lambda v: v, jnp.ones((2, 5)), 3)

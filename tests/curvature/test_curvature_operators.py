@@ -139,3 +139,34 @@ def test_bad_inputs_are_named(mlp_problem):
         dataset_operator(p.apply, cross_entropy, p.params, (p.inputs, p.labels), kind="fisher")
     with pytest.raises(ValueError, match="same number of examples"):
         dataset_operator(p.apply, cross_entropy, p.params, (p.inputs, p.labels[:5]))
+
+
+def test_partial_chunk_padding_never_reaches_the_loss():
+    """A model undefined at zero inputs: zero padding would put 0 * inf = NaN into the sum."""
+    x = jax.random.uniform(jax.random.key(0), (10, 3), minval=0.5, maxval=2.0)
+    y = jax.random.normal(jax.random.key(1), (10,))
+    params = {"w": jnp.array([0.3, -0.2, 0.5])}
+    apply = lambda p, inputs: jnp.log(inputs) @ p["w"]
+    per_example = lambda out, t: (jnp.sin(out) - t) ** 2
+    op = dataset_operator(apply, per_example, params, (x, y), chunk_size=4)
+    dense = jax.hessian(lambda w: jnp.mean(per_example(apply({"w": w}, x), y)))(params["w"])
+    np.testing.assert_allclose(jax.vmap(op.matvec)(jnp.eye(3)), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_more_bad_inputs_are_named(mlp_problem):
+    p = mlp_problem
+    data = (p.inputs, p.labels)
+    mean_loss = lambda out, y: jnp.mean(cross_entropy(out, y))
+    with pytest.raises(ValueError, match="one loss per example, shape \\(10,\\), got \\(\\)"):
+        dataset_operator(p.apply, mean_loss, p.params, data, chunk_size=10)
+    op = dataset_operator(p.apply, cross_entropy, p.params, data, chunk_size=10)
+    with pytest.raises(ValueError, match=f"vectors of shape \\({op.dim},\\)"):
+        op.matvec(jnp.ones(op.dim + 1))
+    predict = lambda params: p.apply(params, p.inputs)[0]
+    with pytest.raises(ValueError, match="must return a scalar"):
+        ggn_vp(predict, lambda out: cross_entropy(out, p.labels), p.params, p.params)
+    with pytest.raises(ValueError, match="pytree structure"):
+        ggn_vp(predict, lambda out: jnp.mean(cross_entropy(out, p.labels)), p.params,
+               {"head": p.params["head"]})
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        dataset_operator(p.apply, cross_entropy, p.params, data, chunk_size=0)

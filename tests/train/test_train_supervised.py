@@ -1,0 +1,259 @@
+"""The continual supervised trainer: chunking, vmapped seeds, every method, the new-task Hessian.
+
+A tiny stream (2x2 "images", 3 classes, a fresh pixel permutation per task) stands in for
+Permuted MNIST; its tasks depend on the task index only, so the tests can rebuild any task's
+data. References: dense ``jax.hessian`` + ``numpy.linalg.eigh`` for the Hessian measurement,
+separate unvmapped runs for the vmapped ones, a one-chunk run for the chunked one.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from spectral_plasticity.tasks import PermutedImages
+from spectral_plasticity.tasks.idx import ImageDataset
+from spectral_plasticity.train import method_registry, run_sweep, supervised
+
+STEPS = 10  # examples (online steps) per task
+HESSIAN_METRICS = ("density", "epsilon_rank", "top_eigenvalue")
+
+
+class TinyStream(PermutedImages):
+    """Permuted 2x2 images, 3 classes; a task's permutation and order depend on its index only."""
+
+    def __init__(self, num_tasks=4, reset_head=False):
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 3, 80)
+        images = (rng.integers(0, 256, (80, 2, 2)) // 2 + 40 * labels[:, None, None])
+        data = ImageDataset(images[:60].astype(np.uint8), labels[:60].astype(np.uint8),
+                            images[60:].astype(np.uint8), labels[60:].astype(np.uint8))
+        super().__init__(data, name="tiny_permuted", num_tasks=num_tasks, train_size=STEPS,
+                         eval_size=20, num_classes=3)
+        self.reset_head = reset_head
+
+    def begin_task(self, key, task):
+        return super().begin_task(jax.random.key(123), task)
+
+
+def tiny_config(method="bp", tasks_per_chunk=2, measure=False, **settings):
+    c = supervised.default_config()
+    c.method = method
+    c.stream.num_tasks = 4
+    c.model.hidden_sizes = (5,)
+    c.batch_size = 1
+    c.tasks_per_chunk = tasks_per_chunk
+    c.measure_hessian = measure
+    c.hessian.update(num_iters=40, grid_size=64, examples=20, chunk_size=10, eps=0.01)
+    c.method_settings.update(settings)
+    return c
+
+
+@pytest.fixture
+def tiny_stream(monkeypatch):
+    stream = TinyStream()
+    monkeypatch.setattr(supervised, "_stream", lambda config: stream)
+    return stream
+
+
+def _run(trainer, seeds, chunks, hparams=None):
+    hp = {k: jnp.full((len(seeds),), v, jnp.float32) for k, v in (hparams or {}).items()}
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    state = jax.jit(jax.vmap(trainer.init))(keys, hp)
+    run_chunk = jax.jit(jax.vmap(trainer.run_chunk))
+    rows = []
+    for _ in range(chunks):
+        state, metrics = run_chunk(state, hp)
+        rows.append(metrics)
+    return state, {k: np.concatenate([np.asarray(r[k]) for r in rows], axis=1) for k in rows[0]}
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                     strict=True))
+
+
+def test_chunks_are_seamless_and_vmapped_seeds_equal_separate_runs(tiny_stream):
+    trainer = supervised.make_train(tiny_config(tasks_per_chunk=2))
+    state2, rows2 = _run(trainer, [0, 1], 2)
+    state4, rows4 = _run(supervised.make_train(tiny_config(tasks_per_chunk=4)), [0, 1], 1)
+    assert _leaves_equal(state2.params, state4.params)  # bit for bit
+    for name in ("train_loss", "eval_accuracy", "weight_norm", "effective_rank/hidden_0"):
+        assert rows2[name].shape == (2, 4)
+        np.testing.assert_array_equal(rows2[name], rows4[name])
+    assert not np.allclose(rows2["train_loss"][0], rows2["train_loss"][1])
+
+    init, run_chunk = jax.jit(trainer.init), jax.jit(trainer.run_chunk)
+    alone = init(jax.random.key(1), {})
+    losses = []
+    for _ in range(2):
+        alone, metrics = run_chunk(alone, {})
+        losses.append(metrics["train_loss"])
+    jax.tree.map(lambda v, a: np.testing.assert_allclose(v[1], a, rtol=1e-5, atol=1e-6),
+                 state2.params, alone.params)
+    np.testing.assert_allclose(rows2["train_loss"][1], np.concatenate(losses), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bp_reference():
+    """BP's final params and rows on seeds 0, 1 (one chunk of 2 tasks)."""
+    stream = TinyStream()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(supervised, "_stream", lambda config: stream)
+        return _run(supervised.make_train(tiny_config()), [0, 1], 1)
+
+
+SETTINGS = {  # strong enough to act within 2 tasks of 10 steps
+    "l2": {"l2": 0.5}, "l2_init": {"l2_init": 1.0}, "er": {"erank_every": 5, "erank_batch": 5},
+    "l2_er": {"erank_every": 5, "erank_batch": 5, "l2": 0.5},
+    "l2_er_joint": {"erank": 1.0, "erank_batch": 5},
+    "cbp": {"maturity_threshold": 1, "replacement_rate": 0.5},
+    "cbp_l2": {"maturity_threshold": 1, "replacement_rate": 0.5, "l2": 0.5},
+    "redo": {"redo_every": 5, "redo_tau": 1.0, "erank_batch": 5},
+    "layernorm_l2": {"l2": 0.5}, "spectral_reg": {"spectral_reg": 0.5},
+    "parseval": {"parseval": 0.5}, "shrink_perturb": {"shrink": 0.05, "noise_std": 0.05},
+}
+
+
+FAST_METHODS = ("l2", "cbp")
+
+
+@pytest.mark.parametrize("method", [
+    m if m in FAST_METHODS else pytest.param(m, marks=pytest.mark.slow)
+    for m in method_registry.METHODS if m not in ("bp", "reset")])
+def test_every_method_trains_under_jit_and_vmap_and_changes_the_run(tiny_stream, bp_reference,
+                                                                    method):
+    trainer = supervised.make_train(tiny_config(method, **SETTINGS.get(method, {})))
+    keys = jax.vmap(jax.random.key)(jnp.asarray([0, 1], jnp.uint32))
+    start = jax.jit(jax.vmap(trainer.init))(keys, {}).params
+    state, rows = _run(trainer, [0, 1], 1)
+    bp_state, bp_rows = bp_reference
+    for name, value in rows.items():
+        assert value.shape[:2] == (2, 2), name
+        if not name.startswith(HESSIAN_METRICS):  # unmeasured: see the xfail test below
+            assert np.all(np.isfinite(value)), name
+    if method == "layernorm_l2":
+        assert {"norm_0", "hidden_0", "head"} <= set(state.params)
+        return
+    assert not _leaves_equal(state.params, bp_state.params)
+    if method in ("l2", "l2_er", "cbp_l2"):
+        assert np.all(rows["weight_norm"] < bp_rows["weight_norm"])
+    if method == "l2_init":
+        distance = lambda p: np.linalg.norm(ravel_pytree(jax.tree.map(jnp.subtract, p,
+                                                                       start))[0])
+        assert distance(state.params) < distance(bp_state.params)
+
+
+def test_reset_reinitializes_at_each_boundary(tiny_stream):
+    # With learning rate 0 only the method's boundary action changes the parameters.
+    trainer = supervised.make_train(tiny_config("reset", tasks_per_chunk=4))
+    frozen = {"learning_rate": jnp.zeros((1,))}
+    keys = jax.vmap(jax.random.key)(jnp.asarray([0], jnp.uint32))
+    start = jax.jit(jax.vmap(trainer.init))(keys, frozen)
+    _, rows = jax.jit(jax.vmap(trainer.run_chunk))(start, frozen)
+    norms = np.asarray(rows["weight_norm"][0])
+    assert len(np.unique(norms)) == 4  # a fresh draw at every task...
+    initial = float(ravel_pytree(start.params)[0] @ ravel_pytree(start.params)[0]) ** 0.5
+    np.testing.assert_allclose(norms, initial, rtol=0.5)  # ... of the initial scale
+    assert initial not in norms
+
+
+def test_head_reset_touches_only_the_head(monkeypatch):
+    stream = TinyStream(reset_head=True)
+    monkeypatch.setattr(supervised, "_stream", lambda config: stream)
+    trainer = supervised.make_train(tiny_config("bp"))
+    frozen = {"learning_rate": jnp.zeros((1,))}
+    keys = jax.vmap(jax.random.key)(jnp.asarray([0], jnp.uint32))
+    start = jax.jit(jax.vmap(trainer.init))(keys, frozen).params
+    end, _ = jax.jit(jax.vmap(trainer.run_chunk))(
+        jax.jit(jax.vmap(trainer.init))(keys, frozen), frozen)
+    assert _leaves_equal(start["hidden_0"], end.params["hidden_0"])
+    assert not np.array_equal(start["head"]["kernel"], end.params["head"]["kernel"])
+
+
+def _dense_top_eigenvalue(trainer_config, params, x, y):
+    model = supervised._model(trainer_config, TinyStream(), False)
+    flat, unravel = ravel_pytree(params)
+
+    def loss(v):
+        out, _ = model.apply({"params": unravel(v)}, x)
+        return jnp.mean(supervised.per_example_loss("cross_entropy", out, y))
+
+    return float(np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))[-1])
+
+
+def test_new_task_hessian_is_taken_on_the_new_task_at_the_previous_final_params(tiny_stream):
+    config = tiny_config(tasks_per_chunk=1, measure=True)
+    trainer = supervised.make_train(config)
+    init, run_chunk = jax.jit(trainer.init), jax.jit(trainer.run_chunk)
+    state = init(jax.random.key(0), {})
+    state, _ = run_chunk(state, {})  # task 0
+    previous = state.params
+    state, rows = run_chunk(state, {})  # task 1, measured at its start and end
+    old_x, old_y = tiny_stream.eval_data(tiny_stream.begin_task(None, 0))
+    new_x, new_y = tiny_stream.eval_data(tiny_stream.begin_task(None, 1))
+    # The model has 4*5+5+5*3+3 = 43 parameters and Lanczos runs 40 steps with full
+    # reorthogonalization: its largest Ritz value is the largest eigenvalue.
+    expected = _dense_top_eigenvalue(config, previous, new_x, new_y)
+    on_old_task = _dense_top_eigenvalue(config, previous, old_x, old_y)
+    assert abs(expected - on_old_task) > 1e-3 * abs(expected)
+    np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]), expected, rtol=1e-3)
+    np.testing.assert_allclose(float(rows["top_eigenvalue_end"][0]),
+                               _dense_top_eigenvalue(config, state.params, new_x, new_y),
+                               rtol=1e-3)
+    density, grid = rows["density_init"][0], rows["density_grid"][0]
+    np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, rtol=1e-3)
+    assert 0.0 <= float(rows["epsilon_rank_init"][0]) <= 1.0
+
+
+def test_bad_input_gives_clear_errors(tiny_stream):
+    with pytest.raises(ValueError, match=r"unknown methods \['sgd_plus'\]; choose from"):
+        supervised.make_train(tiny_config("sgd_plus"))
+    config = tiny_config()
+    config.batch_size = STEPS + 1
+    with pytest.raises(ValueError, match="batch_size 11 must lie in"):
+        supervised.make_train(config)
+    config = tiny_config(tasks_per_chunk=3)
+    with pytest.raises(ValueError, match="tasks_per_chunk 3 must divide num_tasks 4"):
+        supervised.make_train(config)
+
+
+def test_unknown_stream_names_the_valid_ones():
+    config = tiny_config()
+    config.stream.name = "permuted_cifar"
+    with pytest.raises(ValueError, match="unknown stream 'permuted_cifar'; choose one of"):
+        supervised.make_train(config)
+
+
+def test_regression_stream_reports_squared_error():
+    config = tiny_config(tasks_per_chunk=2, measure=True)
+    config.stream = ml_collections.ConfigDict({
+        "name": "slowly_changing_regression", "num_tasks": 2, "flip_after": 20,
+        "eval_size": 20, "data_dir": ""})
+    trainer = supervised.make_train(config)
+    state, rows = _run(trainer, [0], 1)
+    assert "eval_accuracy" not in rows and "train_accuracy" not in rows
+    # The held-out loss of the last task is the squared error of the final network on it.
+    stream = supervised._stream(config)
+    x, y = stream.eval_data(stream.begin_task(jax.random.fold_in(state.key[0], 0), 1))
+    model = supervised._model(config, stream, False)
+    params = jax.tree.map(lambda a: a[0], state.params)
+    out, _ = model.apply({"params": params}, x)
+    np.testing.assert_allclose(rows["eval_loss"][0, 1], np.mean(np.sum((out - y) ** 2, -1)),
+                               rtol=1e-5)
+
+
+def test_swept_names_the_trainer_would_ignore_are_refused(tiny_stream):
+    config = tiny_config("l2")
+    config.sweep = ml_collections.ConfigDict({"l2_strenght": [1e-3, 1e-2]})
+    with pytest.raises(ValueError, match=r"cannot sweep \['l2_strenght'\].*sweepable"):
+        supervised.make_train(config)
+
+
+def test_a_sweep_with_unmeasured_tasks_is_not_marked_diverged(tiny_stream, tmp_path):
+    config = tiny_config(tasks_per_chunk=2, measure=True)
+    table = run_sweep(supervised.make_train(config), seeds=[0], hparams=[{}],
+                      run_dir=tmp_path, config={"test": 1})
+    assert len(table) == 4 and not table["diverged"].any()
