@@ -14,7 +14,7 @@ OVERRIDES ?=
 CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--seeds=$(SEEDS)) \
 	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o))
 
-.PHONY: test test-slow lint bench sweep list plots clean-venv
+.PHONY: test test-slow lint bench sweep list plots reproduce clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,8 @@ lint: $(STAMP)
 ## make bench: speed comparisons, printed as ratios measured in one run.
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/curvature.py
+	$(PY) benchmarks/supervised.py
+	$(PY) benchmarks/ppo.py
 
 ## make sweep EXP=name [SCALE=paper] [SEEDS=n] [METHODS=a,b] [WORKDIR=dir] [OVERRIDES="k=v ..."]
 sweep: $(STAMP)
@@ -53,6 +55,11 @@ list: $(STAMP)
 ## make plots EXP=name: PNG figures of a sweep's results.
 plots: $(STAMP)
 	$(PY) -m spectral_plasticity.cli plots $(CLI_ARGS)
+
+## make reproduce [SCALE=paper]: the paper's claims with statistics (resumable) ->
+## docs/REPRODUCTION_RESULTS.md and docs/figures/.
+reproduce: $(STAMP)
+	$(PY) -m spectral_plasticity.reproduce --workdir=$(WORKDIR)/reproduce --scale=$(SCALE)
 
 clean-venv:
 	rm -rf $(VENV)

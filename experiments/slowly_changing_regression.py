@@ -14,7 +14,7 @@ def get_config(scale: str = "small"):
     config = default_config()
     config.stream = ml_collections.ConfigDict({
         "name": "slowly_changing_regression", "num_tasks": 40, "flip_after": 2000,
-        "eval_size": 1000, "data_dir": ""})
+        "eval_size": 1024, "data_dir": ""})
     config.model.hidden_sizes = (5,)
     config.optimizer.name, config.optimizer.learning_rate = "adam", 1e-2
     config.batch_size = 1

@@ -1,35 +1,58 @@
-"""Continual task streams: permuted and relabeled images, slowly-changing regression."""
+"""Continual task streams: permuted and relabeled images, slowly-changing regression, continual
+ImageNet and class-incremental CIFAR-100, all behind the ``TaskStream`` interface."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from spectral_plasticity.tasks.cifar import load_cifar100
+from spectral_plasticity.tasks.continual_imagenet import ContinualImageNet, load_continual_imagenet
 from spectral_plasticity.tasks.idx import DataError, ImageDataset, load_idx_dataset, read_idx
+from spectral_plasticity.tasks.incremental_cifar import IncrementalCIFAR
 from spectral_plasticity.tasks.permuted import PermutedImages, RelabeledImages
 from spectral_plasticity.tasks.regression import SlowlyChangingRegression
 from spectral_plasticity.tasks.stream import TaskStream
 
 STREAMS = ("permuted_mnist", "permuted_fashion_mnist", "relabeled_mnist",
-           "relabeled_fashion_mnist", "slowly_changing_regression")
+           "relabeled_fashion_mnist", "relabeled_cifar100", "slowly_changing_regression",
+           "continual_imagenet", "incremental_cifar100")
 
 
 def make_stream(name: str, *, data_dir: str | None = None, **kwargs: Any) -> TaskStream:
     """The stream called ``name`` (one of ``STREAMS``), with its keyword arguments.
 
-    Image streams take ``num_tasks``, ``train_size`` (default: all training images),
-    ``eval_size`` (2,000) and, for relabeled ones, ``mode`` (``"random"``/``"shuffled"``);
-    ``data_dir`` points at the IDX files (see ``tasks.idx``).
+    - ``permuted_<mnist|fashion_mnist>``: ``PermutedImages`` (``num_tasks``, ``train_size``
+      (default: all training images), ``eval_size``);
+    - ``relabeled_<mnist|fashion_mnist|cifar100>``: ``RelabeledImages`` (also ``mode``,
+      ``"random"``/``"shuffled"``, and ``flatten``; CIFAR-100 keeps ``(32, 32, 3)`` inputs
+      unless ``flatten=True``);
+    - ``slowly_changing_regression``: ``SlowlyChangingRegression`` (no data);
+    - ``continual_imagenet``: ``ContinualImageNet`` (also ``num_classes``, the classes read);
+    - ``incremental_cifar100``: ``IncrementalCIFAR``.
+
+    ``data_dir`` is where the data set is looked for first (see ``tasks.idx``, ``tasks.cifar``,
+    ``tasks.continual_imagenet``); a missing data set is a ``DataError`` saying how to get it.
     """
     if name not in STREAMS:
         raise ValueError(f"unknown stream {name!r}; choose one of {list(STREAMS)}")
     if name == "slowly_changing_regression":
         return SlowlyChangingRegression(**kwargs)
+    if name == "continual_imagenet":
+        images = load_continual_imagenet(data_dir, num_classes=kwargs.pop("num_classes", None))
+        return ContinualImageNet(images, **kwargs)
+    if name == "incremental_cifar100":
+        return IncrementalCIFAR(load_cifar100(data_dir), **kwargs)
     kind, dataset = name.split("_", 1)
-    data = load_idx_dataset(dataset, data_dir)
+    if dataset == "cifar100":
+        kwargs = {"num_classes": 100, "flatten": False, **kwargs}
+        data = load_cifar100(data_dir)
+    else:
+        data = load_idx_dataset(dataset, data_dir)
     cls = PermutedImages if kind == "permuted" else RelabeledImages
     return cls(data, name=name, **kwargs)
 
 
-__all__ = ["STREAMS", "DataError", "ImageDataset", "PermutedImages", "RelabeledImages",
-           "SlowlyChangingRegression", "TaskStream", "load_idx_dataset", "make_stream",
+__all__ = ["STREAMS", "ContinualImageNet", "DataError", "ImageDataset", "IncrementalCIFAR",
+           "PermutedImages", "RelabeledImages", "SlowlyChangingRegression", "TaskStream",
+           "load_cifar100", "load_continual_imagenet", "load_idx_dataset", "make_stream",
            "read_idx"]

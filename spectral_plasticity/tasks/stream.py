@@ -13,6 +13,11 @@ its compiled loop, with a traced task index:
 - ``output_mask(task_state) -> (num_outputs,) bool``: the logits that are valid in this task.
 
 Shapes are static; everything is pure and works under ``jax.vmap`` over run keys.
+
+Streams whose tasks present a pool of examples for several epochs (continual ImageNet) or
+whose pool grows from task to task (class-incremental CIFAR) keep ``train_size`` static by
+indexing the pool with ``epoch_order``: position ``p`` of the task's presentation sequence falls
+in epoch ``p // pool`` and each epoch visits the pool in a fresh uniformly random order.
 """
 
 from __future__ import annotations
@@ -61,3 +66,29 @@ class TaskStream(abc.ABC):
             raise ValueError(f"batch_size {batch_size} must divide the {self.train_size} "
                              f"examples per task of {self.name}")
         return self.train_size // batch_size
+
+
+def valid_first_order(key: jax.Array, valid: jax.Array) -> jax.Array:
+    """A uniformly random order of the positions where ``valid`` holds, then the others.
+
+    ``valid`` is a ``(n,)`` bool array whose number of True entries may be traced; the result is
+    a permutation of ``range(n)`` whose first ``sum(valid)`` entries are the valid positions in
+    uniformly random order (a uniform permutation, stably partitioned).
+    """
+    shuffled = jax.random.permutation(key, valid.shape[0])
+    return shuffled[jnp.argsort(~valid[shuffled], stable=True)]
+
+
+def epoch_order(key: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    """The pool item shown at each of ``positions`` when the valid items are presented epoch
+    after epoch, epoch ``e`` in the order ``valid_first_order(fold_in(key, e), valid)``.
+
+    ``positions`` are consecutive and span at most two epochs (a batch no larger than the pool);
+    returns indices into ``valid``'s axis.
+    """
+    pool = jnp.sum(valid)
+    first = positions[0] // pool
+    current = valid_first_order(jax.random.fold_in(key, first), valid)
+    following = valid_first_order(jax.random.fold_in(key, first + 1), valid)
+    offset = positions % pool
+    return jnp.where(positions // pool == first, current[offset], following[offset])

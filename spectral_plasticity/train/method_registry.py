@@ -123,9 +123,18 @@ def build_optimizer(plan: MethodPlan, base: optax.GradientTransformation
 
 
 def base_optimizer(name: str, learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
-    """``sgd`` or ``adam`` (with ``b1``, ``b2``, ``eps``) at ``learning_rate``."""
+    """``sgd`` (with ``momentum``, ``nesterov``) or ``adam`` (with ``b1``, ``b2``, ``eps``).
+
+    An option the optimizer does not take is refused, never silently ignored.
+    """
+    valid = {"sgd": ("momentum", "nesterov"), "adam": ("b1", "b2", "eps")}
+    if name not in valid:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(valid)}")
+    unknown = sorted(set(kwargs) - set(valid[name]))
+    if unknown:
+        raise ValueError(f"optimizer {name!r} takes {list(valid[name])}, not {unknown}")
     if name == "sgd":
-        return optax.sgd(learning_rate)
-    if name == "adam":
-        return optax.adam(learning_rate, **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+        momentum = kwargs.get("momentum") or None  # 0: plain SGD, no momentum buffer
+        return optax.sgd(learning_rate, momentum=momentum,
+                         nesterov=bool(kwargs.get("nesterov", False)))
+    return optax.adam(learning_rate, **kwargs)

@@ -115,7 +115,8 @@ def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bo
     if m.kind == "resnet18":
         if layer_norm:
             raise ValueError("resnet18 is batch-normalized; LayerNorm methods need mlp/convnet")
-        return ResNet18(num_outputs=stream.num_outputs)
+        return ResNet18(num_outputs=stream.num_outputs,
+                        stage_channels=tuple(m.get("stage_channels", (64, 128, 256, 512))))
     raise ValueError(f"unknown model kind {m.kind!r}; choose one of {list(MODEL_KINDS)}")
 
 
@@ -235,8 +236,9 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if plan.reset_every_task:
             fresh_params, model_state = init_variables(k_reset)
             params, opt_state = reset_all(fresh_params, tx)
-        if stream.reset_head:
-            params, opt_state = reset_head(params, opt_state, init_params(k_reset), tx)
+        if stream.reset_head:  # zeroed, as Dohare et al.'s continual-ImageNet protocol
+            params, opt_state = reset_head(params, opt_state,
+                                           jax.tree.map(jnp.zeros_like, params), tx)
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
 

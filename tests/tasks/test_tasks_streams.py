@@ -1,7 +1,7 @@
-"""Task streams and the IDX loader, on small generated files of the real format."""
+"""Image streams, the IDX loader and ``make_stream``, on small generated files of real formats."""
 
 import gzip
-import itertools
+import hashlib
 from pathlib import Path
 
 import jax
@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 
 from spectral_plasticity.tasks import (
+    STREAMS,
     DataError,
     PermutedImages,
     RelabeledImages,
-    SlowlyChangingRegression,
+    cifar,
     load_idx_dataset,
     make_stream,
 )
 from spectral_plasticity.tasks.idx import FILES, SYSTEM_DIRS
-from spectral_plasticity.tasks.regression import target_output
+from spectral_plasticity.tasks.stream import epoch_order, valid_first_order
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -104,50 +105,99 @@ def test_permuted_tasks_are_reproducible_permutations(tiny_idx):
         stream.check_batch_size(7)
 
 
-def test_relabeled_tasks(tiny_idx):
+def test_random_labels_are_redrawn_per_task_on_a_fixed_subset_and_eval_is_memorization(
+        tiny_idx):
     directory, arrays = tiny_idx
     data = load_idx_dataset("mnist", directory, download=False, verify=False)
-    shuffled = RelabeledImages(data, mode="shuffled", name="s", num_tasks=3, train_size=50,
-                               eval_size=20)
-    task = shuffled.begin_task(jax.random.key(1), 2)
-    x, y = shuffled.train_batch(task, 0, 50)
-    index = np.asarray(task.example_order)
-    np.testing.assert_array_equal(y, np.asarray(task.label_map)[arrays["train_labels"][index]])
-    np.testing.assert_allclose(x, arrays["train_images"].reshape(50, 16)[index] / 255.0)
-    random = RelabeledImages(data, mode="random", name="r", num_tasks=3, train_size=50,
-                             eval_size=20)
-    task = random.begin_task(jax.random.key(1), 0)
-    _, y = random.train_batch(task, 0, 50)
-    np.testing.assert_array_equal(y, task.random_labels)
+    stream = RelabeledImages(data, mode="random", name="r", num_tasks=3, train_size=30,
+                             eval_size=10)
+    flat = arrays["train_images"].reshape(50, 16).astype(np.uint8)
+    rows = {r.tobytes(): i for i, r in enumerate(flat)}
+    read_back = lambda x: [rows[r.tobytes()]
+                           for r in np.rint(np.asarray(x) * 255).astype(np.uint8)]
+    key = jax.random.key(1)
+    subsets, labelings = [], []
+    for t in range(3):
+        task = stream.begin_task(key, jnp.asarray(t))
+        x, y = stream.train_batch(task, jnp.asarray(0), 30)
+        sources = read_back(x)
+        assert len(set(sources)) == 30  # every subset image once per task, unpermuted
+        labels = dict(zip(sources, np.asarray(y).tolist(), strict=True))
+        # Eval: images of the task's subset with the labels the task trains them on.
+        ex, ey = stream.eval_data(task)
+        eval_sources = read_back(ex)
+        assert len(set(eval_sources)) == 10
+        assert [labels[i] for i in eval_sources] == np.asarray(ey).tolist()
+        subsets.append(frozenset(sources))
+        labelings.append([labels[i] for i in sorted(labels)])
+    assert len(set(subsets)) == 1  # the run's subset is fixed ...
+    assert len({tuple(lab) for lab in labelings}) == 3  # ... its labels are redrawn per task
+    assert np.mean(np.array(labelings[0]) == np.array(labelings[1])) < 0.5
+    with pytest.raises(ValueError, match=r"eval_size must lie in \[1, 30\] \(the train_size"):
+        RelabeledImages(data, mode="random", name="r", num_tasks=1, train_size=30, eval_size=31)
     with pytest.raises(ValueError, match="mode must be"):
         RelabeledImages(data, mode="noisy", name="n", num_tasks=1, train_size=5)
 
 
-def test_slowly_changing_regression_against_numpy():
-    stream = SlowlyChangingRegression(num_tasks=30, flip_after=100, eval_size=64)
-    key = jax.random.key(3)
-    tasks = [stream.begin_task(key, t) for t in range(30)]
-    target = tasks[0].target
-    w1 = np.asarray(target.w1)
-    assert set(np.unique(w1)) == {-1.0, 1.0}
-    negatives = (w1 < 0).sum(0) + (np.asarray(target.b1) < 0)
-    np.testing.assert_allclose(target.tau, 0.7 * 21 - negatives, rtol=1e-5)
-    # One slow bit changes per task; the fast bits vary per example; targets follow the net.
-    for a, b in itertools.pairwise(tasks):
-        assert int(np.sum(np.asarray(a.slow_bits) != np.asarray(b.slow_bits))) == 1
-        np.testing.assert_array_equal(a.target.w1, b.target.w1)
-    x, y = stream.train_batch(tasks[4], jnp.asarray(2), 32)
-    np.testing.assert_array_equal(x[:, :15], np.broadcast_to(tasks[4].slow_bits, (32, 15)))
-    assert 1 < len({tuple(r) for r in np.asarray(x[:, 15:])})
-    hidden = (np.asarray(x) @ w1 + np.asarray(target.b1) > np.asarray(target.tau))
-    expected = hidden.astype(float) @ np.asarray(target.w2) + float(target.b2)
-    np.testing.assert_allclose(y[:, 0], expected)
-    np.testing.assert_allclose(target_output(target, x), y)
-    ex, _ = stream.eval_data(tasks[4])
-    assert ex.shape == (64, 20)
+def test_shuffled_labels_permute_the_classes_per_task(tiny_idx):
+    directory, arrays = tiny_idx
+    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+    stream = RelabeledImages(data, mode="shuffled", name="s", num_tasks=3, eval_size=20,
+                             flatten=False)
+    assert stream.input_shape == (4, 4, 1) and stream.train_size == 50
+    maps = []
+    for t in range(3):
+        task = stream.begin_task(jax.random.key(1), t)
+        x, y = stream.train_batch(task, 0, 50)
+        index = np.asarray(task.example_order)
+        assert sorted(index.tolist()) == list(range(50))
+        np.testing.assert_allclose(x[..., 0], arrays["train_images"][index] / 255.0)
+        ex, ey = stream.eval_data(task)
+        np.testing.assert_allclose(ex[..., 0], arrays["test_images"] / 255.0)
+        mapping = {}
+        pairs = [*zip(arrays["train_labels"][index].tolist(), np.asarray(y).tolist(),
+                      strict=True),
+                 *zip(arrays["test_labels"].tolist(), np.asarray(ey).tolist(), strict=True)]
+        for true, new in pairs:
+            assert mapping.setdefault(true, new) == new  # one label per class ...
+        assert len(set(mapping.values())) == len(mapping)  # ... and a bijection
+        maps.append(tuple(sorted(mapping.items())))
+    assert len(set(maps)) == 3
 
 
-def test_make_stream_errors():
-    with pytest.raises(ValueError, match="unknown stream 'permuted_cifar'"):
+def test_relabeled_cifar100_keeps_image_inputs(cifar_archive, monkeypatch):
+    root, _, _ = cifar_archive
+    blob = (root / "cifar-100-python.tar.gz").read_bytes()
+    monkeypatch.setattr(cifar, "ARCHIVE_MD5", hashlib.md5(blob).hexdigest())
+    stream = make_stream("relabeled_cifar100", data_dir=root, mode="random", num_tasks=2,
+                         train_size=40, eval_size=8)
+    assert stream.input_shape == (32, 32, 3) and stream.num_outputs == 100
+    x, y = stream.train_batch(stream.begin_task(jax.random.key(0), 1), 0, 40)
+    assert x.shape == (40, 32, 32, 3) and int(y.max()) < 100
+    images = {image.tobytes() for image in cifar.load_cifar100(root).train_images}
+    assert all(p.tobytes() in images for p in np.rint(np.asarray(x) * 255).astype(np.uint8))
+
+
+def test_make_stream_names_and_errors():
+    assert set(STREAMS) >= {"permuted_mnist", "permuted_fashion_mnist", "relabeled_mnist",
+                            "relabeled_cifar100", "slowly_changing_regression",
+                            "continual_imagenet", "incremental_cifar100"}
+    with pytest.raises(ValueError, match=r"unknown stream 'permuted_cifar'; choose one of \["):
         make_stream("permuted_cifar")
     assert make_stream("slowly_changing_regression", num_tasks=2).num_tasks == 2
+    with pytest.raises(TypeError, match="unexpected keyword argument 'train_size'"):
+        make_stream("slowly_changing_regression", train_size=5)
+
+
+def test_epoch_order_visits_the_valid_items_once_per_epoch_across_batch_boundaries():
+    valid = jnp.asarray([True, False, True, True, False, True, True, False, True, True, False,
+                         False])  # a pool of 7 of 12 items
+    order = jax.jit(lambda p: epoch_order(jax.random.key(3), p, valid))
+    # Batches of 5 do not divide the pool: batch 1 (positions 5..9) straddles epochs 0 and 1.
+    shown = np.concatenate([np.asarray(order(5 * b + jnp.arange(5))) for b in range(6)])
+    pool = np.flatnonzero(np.asarray(valid)).tolist()
+    epochs = [sorted(shown[7 * e: 7 * (e + 1)].tolist()) for e in range(4)]
+    assert epochs == [pool] * 4
+    assert len({tuple(shown[7 * e: 7 * (e + 1)]) for e in range(4)}) > 1  # fresh orders
+    first = np.asarray(valid_first_order(jax.random.key(0), valid))
+    assert sorted(first[:7].tolist()) == pool and sorted(first.tolist()) == list(range(12))
