@@ -23,6 +23,7 @@ in epoch ``p // pool`` and each epoch visits the pool in a fresh uniformly rando
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Any, ClassVar
 
 import jax
@@ -52,6 +53,25 @@ class TaskStream(abc.ABC):
 
     @abc.abstractmethod
     def eval_data(self, task_state: TaskState) -> tuple[jax.Array, jax.Array]: ...
+
+    def arrays(self) -> dict[str, jax.Array]:
+        """The stream's data arrays (images, labels), to be passed into ``jax.jit`` as arguments.
+
+        A jitted function that closes over an array embeds it in the compiled program as a
+        constant (seconds of compilation per 100 MB, and a copy per executable). The trainers
+        instead pass ``arrays()`` as an argument and call the stream methods on
+        ``with_arrays(traced)``. Every array attribute of the stream counts.
+        """
+        return {k: v for k, v in vars(self).items() if isinstance(v, jax.Array)}
+
+    def with_arrays(self, arrays: dict[str, jax.Array]) -> TaskStream:
+        """A shallow copy of the stream reading ``arrays`` instead of its own (see ``arrays``)."""
+        unknown = set(arrays) - set(self.arrays())
+        if unknown:
+            raise ValueError(f"{self.name} has no data arrays {sorted(unknown)}")
+        bound = copy.copy(self)
+        vars(bound).update(arrays)
+        return bound
 
     def output_mask(self, task_state: TaskState) -> jax.Array:
         del task_state

@@ -223,7 +223,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return {"epsilon_rank": nan, "top_eigenvalue": nan, "density": grid,
                 "density_grid": grid}
 
-    def run_task(state: RunState, hparams, measure: bool):
+    def run_task(stream: TaskStream, state: RunState, hparams, measure: bool):
         tx = optimizer(hparams)
         stream_key = jax.random.fold_in(state.key, 0)
         task_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.task)
@@ -311,19 +311,25 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                              state.task + 1)
         return new_state, row
 
-    def run_chunk(state: RunState, hparams: Mapping[str, jax.Array]):
+    def run_chunk(state: RunState, hparams: Mapping[str, jax.Array],
+                  data: Mapping[str, jax.Array] | None = None):
+        """``tasks_per_chunk`` tasks; ``data``: the stream's arrays (``stream.arrays()``) as a
+        jit argument, or None to read them from the stream (embedded as constants)."""
+        bound = stream if data is None else stream.with_arrays(dict(data))
+        task = lambda s, measure: run_task(bound, s, hparams, measure)
         if config.measure_hessian:
-            state, first = run_task(state, hparams, measure=True)
-            state, rest = jax.lax.scan(lambda s, _: run_task(s, hparams, measure=False), state,
-                                       None, length=config.tasks_per_chunk - 1)
+            state, first = task(state, True)
+            state, rest = jax.lax.scan(lambda s, _: task(s, False), state, None,
+                                       length=config.tasks_per_chunk - 1)
             rows = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
         else:
-            state, rows = jax.lax.scan(lambda s, _: run_task(s, hparams, measure=False), state,
-                                       None, length=config.tasks_per_chunk)
+            state, rows = jax.lax.scan(lambda s, _: task(s, False), state, None,
+                                       length=config.tasks_per_chunk)
         return state, rows
 
     return ChunkedTrainer(init=init, run_chunk=run_chunk,
                           num_chunks=stream.num_tasks // config.tasks_per_chunk,
                           rows_per_chunk=config.tasks_per_chunk, row_name="task",
                           work_per_row=1, work_unit="tasks",
-                          divergence_keys=("train_loss", "eval_loss", "weight_norm"))
+                          divergence_keys=("train_loss", "eval_loss", "weight_norm"),
+                          data=stream.arrays())

@@ -49,6 +49,9 @@ class ChunkedTrainer(NamedTuple):
       row_name: what a row is (``"task"``, ``"phase"``), the name of the row-index column.
       work_per_row: units of work in one row, for the progress bar (e.g. environment steps).
       work_unit: name of that unit.
+      data: arrays every run reads but none owns (a stream's images), passed to ``run_chunk``
+        as a third, unbatched argument ``run_chunk(state, hparams, data)`` rather than closed
+        over (which would embed them in the compiled program); ``()`` when there are none.
       divergence_keys: the metrics whose non-finite values mean that a run diverged (its
         loss, its weight norm). Other metrics may be NaN where nothing was measured (a
         Hessian measured every few tasks, a return before any episode ended). ``None``: every
@@ -63,6 +66,7 @@ class ChunkedTrainer(NamedTuple):
     work_per_row: int = 1
     work_unit: str = "tasks"
     divergence_keys: tuple[str, ...] | None = None
+    data: PyTree = ()
 
 
 class ConfigChangedError(ValueError):
@@ -185,7 +189,14 @@ def run_sweep(
           for n in names}
 
     init = jax.jit(jax.vmap(trainer.init), out_shardings=sharding)
-    run_chunk = jax.jit(jax.vmap(trainer.run_chunk), out_shardings=sharding, donate_argnums=0)
+    if trainer.data:
+        data = jax.device_put(trainer.data, NamedSharding(sharding.mesh, PartitionSpec()))
+        chunk_fn = jax.jit(jax.vmap(trainer.run_chunk, in_axes=(0, 0, None)),
+                           out_shardings=sharding, donate_argnums=0)
+        run_chunk = lambda state, hp: chunk_fn(state, hp, data)
+    else:
+        run_chunk = jax.jit(jax.vmap(trainer.run_chunk), out_shardings=sharding,
+                            donate_argnums=0)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=keep)
     table = results.ResultsTable(run_dir)
