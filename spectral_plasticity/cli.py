@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from spectral_plasticity import experiment
+from spectral_plasticity import experiment, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("exp", None, "Experiment name (a file in experiments/).")
@@ -71,6 +71,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    runtime.configure_xla()
     app.run(main)
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 from absl import app, flags, logging
 from scipy import stats
 
-from spectral_plasticity import experiment, plots
+from spectral_plasticity import experiment, plots, runtime
 
 ALPHA = 0.05
 METHODS = ("bp", "l2", "er", "l2_er", "cbp", "layernorm_l2", "spectral_reg", "shrink_perturb",
@@ -285,4 +285,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure_xla()
     app.run(main)

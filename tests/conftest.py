@@ -2,4 +2,7 @@
 
 import os
 
+from spectral_plasticity.runtime import configure_xla
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+configure_xla()
