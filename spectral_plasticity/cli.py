@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    runtime.configure_xla()
+    runtime.configure_runtime()
     app.run(main)
 
 

@@ -285,5 +285,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    runtime.configure_xla()
+    runtime.configure_runtime()
     app.run(main)

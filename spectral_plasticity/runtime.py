@@ -1,22 +1,22 @@
-"""Process-wide XLA settings applied by our entry points (the CLI, ``make reproduce``, tests).
+"""Process-wide JAX settings applied by our entry points (the CLI, ``make reproduce``, tests).
 
-``--xla_cpu_multi_thread_eigen=false``: XLA's CPU backend runs its Eigen intra-op thread pool
-single-threaded. With the pool on, we saw a vmapped chunk with the new-task Hessian (Lanczos
-inside ``lax.scan``) wedge forever here — every thread asleep, no CPU used — and others report
-the same with the flag as the fix (PyAutoLabs/PyAutoFit#1528). It affects only the CPU backend;
-a user who sets the option in ``XLA_FLAGS`` keeps their value.
+CPU computations run inline, without asynchronous dispatch (``jax_cpu_enable_async_dispatch``
+off). With it on, a vmapped chunk of the supervised trainer with the new-task Hessian (Lanczos
+``fori_loop``s inside ``lax.scan``) occasionally never finished here: the host waited on a result
+while every XLA worker thread slept, using no CPU (seen with jax 0.10.2 both with and without
+XLA's multi-threaded Eigen pool; cf. jax-ml/jax#25861 and openxla/xla#33048, both about loops
+under CPU async dispatch). Our runners block on every chunk's results anyway, so nothing is lost.
+The setting only concerns the CPU backend; a user's ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` wins.
 """
 
 from __future__ import annotations
 
 import os
 
-CPU_FLAGS = {"xla_cpu_multi_thread_eigen": "false"}
+import jax
 
 
-def configure_xla() -> None:
-    """Adds ``CPU_FLAGS`` to ``XLA_FLAGS`` (before JAX starts a backend), keeping the user's."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    extra = [f"--{name}={value}" for name, value in CPU_FLAGS.items() if name not in flags]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+def configure_runtime() -> None:
+    """Turns off CPU async dispatch (see the module docstring) unless the user chose."""
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -2,7 +2,7 @@
 
 import os
 
-from spectral_plasticity.runtime import configure_xla
+from spectral_plasticity.runtime import configure_runtime
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-configure_xla()
+configure_runtime()

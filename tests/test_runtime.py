@@ -1,20 +1,22 @@
-"""The XLA flags our entry points set: added once, never overriding the user's choice."""
+"""The JAX settings our entry points make: CPU async dispatch off unless the user chose."""
 
-import os
+import jax
 
 from spectral_plasticity import runtime
 
+FLAG = "jax_cpu_enable_async_dispatch"
 
-def test_flag_is_added_and_a_user_choice_is_kept(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    runtime.configure_xla()
-    runtime.configure_xla()
 
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
-                                               "--xla_cpu_multi_thread_eigen=false"]
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
-    runtime.configure_xla()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true"
-    monkeypatch.delenv("XLA_FLAGS")
-    runtime.configure_xla()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+def test_async_dispatch_is_off_unless_the_user_chose(monkeypatch):
+    before = jax.config.values[FLAG]
+    try:
+        jax.config.update(FLAG, True)
+        monkeypatch.delenv("JAX_CPU_ENABLE_ASYNC_DISPATCH", raising=False)
+        runtime.configure_runtime()
+        assert jax.config.values[FLAG] is False
+        jax.config.update(FLAG, True)
+        monkeypatch.setenv("JAX_CPU_ENABLE_ASYNC_DISPATCH", "true")
+        runtime.configure_runtime()
+        assert jax.config.values[FLAG] is True
+    finally:
+        jax.config.update(FLAG, before)
