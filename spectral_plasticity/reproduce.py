@@ -51,12 +51,11 @@ class Study(NamedTuple):
 # Reduced scale: fits in about an hour on a 2-core CPU (measured figures in REPRODUCTION.md).
 CPU_STUDIES = (
     Study("permuted_fashion_mnist", METHODS, seeds=5, window=5, overrides=(
-        "stream.num_tasks=40", "stream.train_size=1000", "stream.eval_size=500",
-        "model.hidden_sizes=(64,64)", "tasks_per_chunk=5", "hessian.examples=500",
-        "hessian.num_iters=40", "hessian.grid_size=2000")),
+        "stream.num_tasks=30", "stream.train_size=1000", "stream.eval_size=500",
+        "optimizer.learning_rate=0.03", "tasks_per_chunk=5", "hessian.examples=300",
+        "hessian.num_iters=30", "hessian.grid_size=2000")),
     Study("slowly_changing_regression", ("bp", "l2", "er", "l2_er", "cbp", "shrink_perturb",
-                                         "l2_init", "redo", "reset"), seeds=5, window=5,
-          overrides=("stream.num_tasks=40", "stream.flip_after=2000")),
+                                         "l2_init", "redo", "reset"), seeds=5, window=5),
 )
 PAPER_STUDIES = (
     Study("permuted_mnist", METHODS, seeds=5, window=50),
