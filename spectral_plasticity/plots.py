@@ -240,3 +240,93 @@ def _plot_densities(workdir, tables, columns, out, density_rows) -> list[Path]:
     axes[0, 0].set_ylabel("density")
     axes[0, 0].legend(fontsize=7)
     return [_save(fig, out / "spectral_density.png")]
+
+
+def plot_kfac_factors(workdir: str | Path, config: Any = None, *, suffix: str = "",
+                      layers: tuple[str, ...] | None = None) -> list[Path]:
+    """Figures of the KFAC factors ``A`` and ``G`` over tasks, per method (``kfac_diagnostics``).
+
+    Reads the columns ``kfac_erank_a/<layer><suffix>`` and ``kfac_erank_g/<layer><suffix>`` of
+    every method's ``results.csv`` and the arrays ``kfac_top_a/<layer><suffix>``,
+    ``kfac_top_g/<layer><suffix>`` (shape ``(runs, rows, k)``, the largest eigenvalues) of its
+    ``arrays/``, and writes to ``workdir/plots``:
+
+    - ``kfac_factor_ranks.png``: effective rank of ``A`` (top row) and ``G`` (bottom row) per
+      layer (columns) over tasks, mean and 95% CI over seeds, one line per method and setting.
+      The KFAC block's effective rank is their product, so a falling ``A`` curve is curvature
+      directions lost to the features (Martens & Grosse 2015; He et al. 2025);
+    - ``kfac_factor_spectra.png``: the normalized top spectrum ``lambda_i / lambda_1`` of
+      ``A`` and ``G`` per layer at the first (dashed) and last (solid) measured task, mean
+      over the runs of each method (log scale): a steeper decay at the last task is a
+      collapsing factor.
+
+    Args:
+      workdir: the sweep's work directory (one sub-directory per method).
+      config: the experiment config; ``config.plots`` sets the row column (``PlotColumns``).
+      suffix: appended to the metric names, e.g. ``"_init"`` when the trainer records the
+        diagnostics at a new task's initialization as ``kfac_erank_a/hidden_0_init``.
+      layers: the layers drawn (default: every layer in the first method's results).
+
+    Returns:
+      The PNG paths written (none when no KFAC column or array is present).
+    """
+    workdir = Path(workdir)
+    columns = PlotColumns.from_config(config)
+    tables = load_results(workdir)
+    if not tables:
+        raise ValueError(f"no results under {workdir}: run `make sweep` first "
+                         "(each method writes <workdir>/<method>/results.csv)")
+    factor_keys = {"A": "kfac_erank_a/", "G": "kfac_erank_g/"}
+    if layers is None:
+        found = [c[len(factor_keys["A"]):len(c) - len(suffix)] for c in next(iter(tables.values()))
+                 if c.startswith(factor_keys["A"]) and c.endswith(suffix)]
+        layers = tuple(sorted(found))
+    out = workdir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    if layers:
+        fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
+        drawn = False
+        for col, layer in enumerate(layers):
+            for row, (factor, prefix) in enumerate(factor_keys.items()):
+                ax = axes[row, col]
+                drawn |= _plot_over_rows(ax, tables, f"{prefix}{layer}{suffix}", columns)
+                ax.set_title(f"{layer}: effective rank of {factor}", fontsize=9)
+        axes[0, 0].legend(fontsize=7)
+        if drawn:
+            written.append(_save(fig, out / "kfac_factor_ranks.png"))
+        else:
+            plt.close(fig)
+    else:
+        logging.info("no kfac_erank_a/*%s column: KFAC factor rank plot skipped", suffix)
+
+    spectra = {}
+    for method in tables:
+        arrays = load_arrays(workdir / method)
+        for layer in layers:
+            for factor in ("a", "g"):
+                name = f"kfac_top_{factor}/{layer}{suffix}"
+                if name in arrays:
+                    spectra[method, layer, factor] = arrays[name]
+    if not spectra:
+        logging.info("no kfac_top_*%s arrays: KFAC factor spectra plot skipped", suffix)
+        return written
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
+    colors = {method: f"C{i}" for i, method in enumerate(tables)}
+    for (method, layer, factor), values in spectra.items():
+        ax = axes["ag".index(factor), layers.index(layer)]
+        normalized = values / values[..., :1]  # (runs, rows, k): lambda_i / lambda_1
+        measured = np.flatnonzero(np.isfinite(normalized[..., 0]).any(axis=0))
+        if not len(measured):
+            continue
+        for row, style in ((measured[0], "--"), (measured[-1], "-")):
+            mean = np.nanmean(normalized[:, row], axis=0)
+            ax.semilogy(np.arange(1, mean.size + 1), mean, style, color=colors[method],
+                        label=f"{method}, {columns.row} {row}", marker=".")
+        ax.set_title(f"{layer}: top spectrum of {factor.upper()}", fontsize=9)
+        ax.set_xlabel("i")
+    axes[0, 0].set_ylabel("lambda_i / lambda_1")
+    axes[1, 0].set_ylabel("lambda_i / lambda_1")
+    axes[0, 0].legend(fontsize=6)
+    written.append(_save(fig, out / "kfac_factor_spectra.png"))
+    return written

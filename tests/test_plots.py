@@ -60,3 +60,70 @@ def test_missing_results_and_bad_plot_keys_are_reported(tmp_path):
         plots.plot_experiment(tmp_path)
     with pytest.raises(ValueError, match="unknown config.plots keys"):
         plots.PlotColumns.from_config({"plots": {"colour": "red"}})
+
+
+def _fake_kfac_run(run_dir, erank_a, seeds=2, tasks=4, k=3):
+    """A method's results with KFAC diagnostics recorded at task 0 and 2 (NaN elsewhere):
+    ``kfac_erank_a/hidden_0 = erank_a - task + 0.1 seed``, ``kfac_erank_g = 5``; top spectra of
+    A ``(1, r, r^2)`` with ``r = 0.5`` at task 0 and ``r = 0.1`` at task 2, of G ``(2, 1, 0)``."""
+    run_dir.mkdir(parents=True)
+    rows = []
+    for seed in range(seeds):
+        for task in range(tasks):
+            measured = task % 2 == 0
+            rows.append({"run": seed, "seed": seed, "task": task, "eval_accuracy": 0.9,
+                         "kfac_erank_a/hidden_0": erank_a - task + 0.1 * seed if measured
+                         else np.nan,
+                         "kfac_erank_g/hidden_0": 5.0 if measured else np.nan,
+                         "diverged": False})
+    pd.DataFrame(rows).to_csv(run_dir / "results.csv", index=False)
+    top_a = np.full((seeds, tasks, k), np.nan)
+    top_a[:, 0] = 3.0 * 0.5 ** np.arange(k)
+    top_a[:, 2] = 3.0 * 0.1 ** np.arange(k)
+    top_g = np.full((seeds, tasks, k), np.nan)
+    top_g[:, [0, 2]] = [2.0, 1.0, 0.0]
+    save_chunk_arrays(run_dir, 0, {"kfac_top_a/hidden_0": top_a, "kfac_top_g/hidden_0": top_g})
+
+
+def test_plot_kfac_factors_draws_ranks_and_normalized_spectra(tmp_path, monkeypatch):
+    _fake_kfac_run(tmp_path / "bp", erank_a=20.0)
+    _fake_kfac_run(tmp_path / "l2_er", erank_a=30.0)
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    written = plots.plot_kfac_factors(tmp_path)
+    assert sorted(p.name for p in written) == ["kfac_factor_ranks.png", "kfac_factor_spectra.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ranks = figures["kfac_factor_ranks.png"].axes  # rows A, G; one column (hidden_0)
+    assert [ax.get_title() for ax in ranks] == ["hidden_0: effective rank of A",
+                                                "hidden_0: effective rank of G"]
+    # Means over seeds 0 and 1 of erank_a - task + 0.1 seed at tasks 0 and 2, and of 5.
+    expected = {(0, "bp"): [20.05, 18.05], (0, "l2_er"): [30.05, 28.05],
+                (1, "bp"): [5.0, 5.0], (1, "l2_er"): [5.0, 5.0]}
+    for (panel, method), means in expected.items():
+        lines = {line.get_label(): line for line in ranks[panel].get_lines()}
+        assert set(lines) == {"bp", "l2_er"}
+        x, y = lines[method].get_data()
+        np.testing.assert_array_equal(x, [0, 2])  # unmeasured tasks are left out
+        np.testing.assert_allclose(y, means)
+
+    spectra = figures["kfac_factor_spectra.png"].axes
+    a_lines = {line.get_label(): line.get_data() for line in spectra[0].get_lines()}
+    assert set(a_lines) == {"bp, task 0", "bp, task 2", "l2_er, task 0", "l2_er, task 2"}
+    np.testing.assert_allclose(a_lines["bp, task 0"][1], [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(a_lines["l2_er, task 2"][1], [1.0, 0.1, 0.01])
+    np.testing.assert_array_equal(a_lines["bp, task 2"][0], [1, 2, 3])
+    g_lines = {line.get_label(): line.get_data() for line in spectra[1].get_lines()}
+    np.testing.assert_allclose(g_lines["bp, task 0"][1], [1.0, 0.5, 0.0])
+
+
+def test_plot_kfac_factors_skips_results_without_diagnostics(tmp_path):
+    _fake_run(tmp_path / "bp", 0.9)
+    assert plots.plot_kfac_factors(tmp_path) == []

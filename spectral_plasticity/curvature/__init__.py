@@ -1,5 +1,33 @@
-"""What the paper measures: Hessian and GGN products, Lanczos, spectra, epsilon-rank."""
+"""What the paper measures: Hessian and GGN products, Lanczos, spectra, epsilon-rank; KFAC
+factors and their spectra, the loss-weighted Gram matrix, the dead-unit rank bound."""
 
+from spectral_plasticity.curvature.dead_units import DeadUnitBound, dead_unit_bound, dead_units
+from spectral_plasticity.curvature.gram import loss_weighted_gram, psd_sqrt
+from spectral_plasticity.curvature.kfac import (
+    BlockRanks,
+    KroneckerFactors,
+    KroneckerSpectrum,
+    LayerStatistics,
+    SpectrumComparison,
+    block_ranks,
+    compare_spectra,
+    conv_patches,
+    kfac_diagnostics,
+    kfac_factors,
+    kfac_matrix,
+    kfac_operator,
+    kronecker_spectrum,
+    layer_matrix,
+    layer_operator,
+    layer_statistics,
+    numerical_rank,
+    output_cotangents,
+    relative_epsilon_rank,
+    sample_categorical,
+    sample_gaussian,
+    spectrum_effective_rank,
+    wasserstein_distance,
+)
 from spectral_plasticity.curvature.lanczos import (
     LanczosResult,
     RitzPairs,
@@ -9,6 +37,7 @@ from spectral_plasticity.curvature.lanczos import (
 )
 from spectral_plasticity.curvature.operators import (
     CurvatureOperator,
+    chunk_dataset,
     dataset_loss,
     dataset_operator,
     ggn_operator,
@@ -28,12 +57,24 @@ from spectral_plasticity.curvature.spectrum import (
 )
 
 __all__ = [
+    "BlockRanks",
     "CurvatureOperator",
+    "DeadUnitBound",
+    "KroneckerFactors",
+    "KroneckerSpectrum",
     "LanczosResult",
+    "LayerStatistics",
     "RitzPairs",
     "SpectralDensity",
+    "SpectrumComparison",
+    "block_ranks",
+    "chunk_dataset",
+    "compare_spectra",
+    "conv_patches",
     "dataset_loss",
     "dataset_operator",
+    "dead_unit_bound",
+    "dead_units",
     "epsilon_rank",
     "fast_threshold",
     "ggn_operator",
@@ -41,11 +82,28 @@ __all__ = [
     "hessian_operator",
     "hessian_trace",
     "hvp",
+    "kfac_diagnostics",
+    "kfac_factors",
+    "kfac_matrix",
+    "kfac_operator",
+    "kronecker_spectrum",
     "lanczos",
+    "layer_matrix",
+    "layer_operator",
+    "layer_statistics",
+    "loss_weighted_gram",
+    "numerical_rank",
+    "output_cotangents",
+    "psd_sqrt",
+    "relative_epsilon_rank",
     "ritz_pairs",
+    "sample_categorical",
+    "sample_gaussian",
     "selection_mask",
     "spectral_density",
+    "spectrum_effective_rank",
     "tau_trainability",
     "top_eigenvalues",
     "tridiagonal",
+    "wasserstein_distance",
 ]

@@ -222,12 +222,23 @@ def model_outputs(apply_fn: Callable[..., Any], params: PyTree, inputs: jax.Arra
     return out[0] if isinstance(out, tuple) else out
 
 
-def _chunked(data: tuple[jax.Array, jax.Array], chunk_size: int
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Data reshaped to ``(num_chunks, chunk_size, ...)`` with per-example weights 1/N.
+def chunk_dataset(data: tuple[jax.Array, jax.Array], chunk_size: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Data reshaped to ``(num_chunks, chunk_size, ...)`` with per-example weights ``1/N``.
 
-    A partial last chunk is filled with copies of the first examples (real inputs, so a loss or
-    normalization that is undefined at zero cannot inject NaN) carrying weight exactly 0.
+    ``sum_chunks sum_i w_i f(x_i, y_i)`` over the result is the data mean
+    ``(1/N) sum_n f(x_n, y_n)``, so a ``lax.scan`` over the chunks accumulates a data average in
+    the memory of one chunk. A partial last chunk is filled with copies of the first examples
+    (real inputs, so a loss or normalization that is undefined at zero cannot inject NaN)
+    carrying weight exactly 0.
+
+    Args:
+      data: ``(inputs, targets)`` with a common leading example axis of size ``N > 0``.
+      chunk_size: examples per chunk (capped at ``N``).
+
+    Returns:
+      ``(inputs, targets, weights)`` of shapes ``(K, S, ...)``, ``(K, S, ...)`` and ``(K, S)``
+      with ``K = ceil(N / S)`` chunks of ``S = min(chunk_size, N)`` examples.
     """
     inputs, targets = data
     n = inputs.shape[0]
@@ -267,7 +278,7 @@ def dataset_loss(apply_fn: Callable[..., Any], loss_fn: Callable[[jax.Array, jax
                  params: PyTree, data: tuple[jax.Array, jax.Array], *, chunk_size: int = 100
                  ) -> jax.Array:
     """Mean per-example loss over ``data``, evaluated chunk by chunk."""
-    xs, ys, ws = _chunked(data, chunk_size)
+    xs, ys, ws = chunk_dataset(data, chunk_size)
     check_per_example_loss(apply_fn, loss_fn, params, xs[0], ys[0])
 
     def body(total, chunk):
@@ -302,7 +313,7 @@ def dataset_operator(apply_fn: Callable[..., Any],
     """
     if kind not in ("hessian", "ggn"):
         raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
-    xs, ys, ws = _chunked(data, chunk_size)
+    xs, ys, ws = chunk_dataset(data, chunk_size)
     check_per_example_loss(apply_fn, loss_fn, params, xs[0], ys[0])
     selected, rest = partition(params, selection_mask(params, layers))
 
