@@ -211,6 +211,7 @@ def plot_experiment(workdir: str | Path, config: Any = None,
         written.append(_save(fig, out / "features.png"))
     else:
         plt.close(fig)
+    written += plot_kfac_factors(workdir, config, suffix="_init")
     return written
 
 

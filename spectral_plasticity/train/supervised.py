@@ -11,8 +11,10 @@ accuracy at the task's end, the weight norm, every feature metric of every hidde
 held-out examples, and — for the first task of every chunk, so every ``tasks_per_chunk`` tasks
 (``measure_hessian``) — the paper's measurement: the SLQ spectral density and epsilon-rank of
 the **new task's** loss on its held-out examples at the new task's initialization (the
-parameters where the previous task ended) and at its end, with the largest Ritz value. Rows of
-unmeasured tasks hold NaN there.
+parameters where the previous task ended) and at its end, with the largest Ritz value. With
+``kfac.enabled`` the same measured tasks also get ``curvature.kfac_diagnostics`` at the new
+task's initialization (``kfac_erank_a/<layer>_init``, ...): the Kronecker factors A and G of
+every layer and their agreement with the exact layer GGN. Rows of unmeasured tasks hold NaN.
 
 Hyperparameters in ``hparams`` (vmapped by the runner) override the config: ``learning_rate``
 and any method setting of ``method_registry.DEFAULTS``.
@@ -30,7 +32,12 @@ import ml_collections
 import optax
 
 from spectral_plasticity import metrics
-from spectral_plasticity.curvature import dataset_operator, epsilon_rank, spectral_density
+from spectral_plasticity.curvature import (
+    dataset_operator,
+    epsilon_rank,
+    kfac_diagnostics,
+    spectral_density,
+)
 from spectral_plasticity.methods import (
     cbp_init,
     cbp_step,
@@ -82,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.measure_hessian = True
     c.hessian = ml_collections.ConfigDict({
         "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500})
+    c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn", "compare": True,
+                                        "num_iters": 30})
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
     c.plots = ml_collections.ConfigDict({"performance": "eval_accuracy"})
     return c
@@ -223,6 +232,13 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return {"epsilon_rank": nan, "top_eigenvalue": nan, "density": grid,
                 "density_grid": grid}
 
+    def kfac_metrics(params, model_state, x, y, mask, key):
+        loss_fn = lambda out, t: per_example_loss(loss_kind, out, t, mask)
+        apply = lambda p, inputs: predict(p, model_state, inputs)
+        return kfac_diagnostics(apply, params, x, y, loss_fn=loss_fn, key=key,
+                                mode=config.kfac.mode, compare=config.kfac.compare,
+                                num_iters=config.kfac.num_iters, chunk_size=hess.chunk_size)
+
     def run_task(stream: TaskStream, state: RunState, hparams, measure: bool):
         tx = optimizer(hparams)
         stream_key = jax.random.fold_in(state.key, 0)
@@ -241,6 +257,12 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                                            jax.tree.map(jnp.zeros_like, params), tx)
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
+        if config.kfac.enabled:
+            k_kfac = jax.random.fold_in(k_init, 1)
+            kfac_args = (params, model_state, hess_x, hess_y, mask, k_kfac)
+            kfac_row = (kfac_metrics(*kfac_args) if measure else jax.tree.map(
+                lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                jax.eval_shape(kfac_metrics, *kfac_args)))
 
         def step(carry, i):
             params, model_state, opt_state, method_state, buffer = carry
@@ -307,6 +329,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         row |= {f"{k}_init": v for k, v in at_init.items()}
         row |= {f"{k}_end": v for k, v in at_end.items()}
         row["density_grid"] = row.pop("density_grid_init")
+        if config.kfac.enabled:
+            row |= {f"{k}_init": v for k, v in kfac_row.items()}
         new_state = RunState(params, model_state, opt_state, method_state, buffer, state.key,
                              state.task + 1)
         return new_state, row

@@ -279,3 +279,23 @@ def test_stream_data_are_a_jit_argument_not_a_constant(tiny_stream):
     images = tiny_stream.arrays()["_train_x"]
     pattern = " ".join(str(int(v)) for v in np.asarray(images).reshape(-1)[:6])
     assert pattern not in passed.lower(state, {}, trainer.data).as_text()
+
+
+def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
+    from spectral_plasticity.curvature import kfac_diagnostics
+
+    config = tiny_config(tasks_per_chunk=2, measure=True)
+    config.kfac.update(enabled=True, compare=False)
+    trainer = supervised.make_train(config)
+    state0 = trainer.init(jax.random.key(0), {})
+    _, rows = jax.jit(trainer.run_chunk)(state0, {})
+    model = supervised._model(config, tiny_stream, False)
+    x, y = tiny_stream.eval_data(tiny_stream.begin_task(None, 0))
+    mask = tiny_stream.output_mask(None)
+    direct = kfac_diagnostics(lambda p, i: model.apply({"params": p}, i), state0.params, x, y,
+                              loss_fn=lambda o, t: supervised.per_example_loss(
+                                  "cross_entropy", o, t, mask),
+                              key=jax.random.key(1), compare=False)
+    for name in ("kfac_erank_a/hidden_0", "kfac_erank_g/head", "kfac_eps_rank/hidden_0"):
+        np.testing.assert_allclose(rows[f"{name}_init"][0], direct[name], rtol=1e-4)
+        assert np.isnan(rows[f"{name}_init"][1])  # task 1 is not measured
