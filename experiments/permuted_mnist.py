@@ -20,6 +20,9 @@ def get_config(scale: str = "small"):
     config.method_settings.l2 = 1e-4
     config.method_settings.erank_learning_rate = 1e-3
     config.hessian.eps = 0.01
+    # KFAC factors A and G of every layer at each measured new-task initialization, compared
+    # with the exact GGN block of the first hidden layer and the head.
+    config.kfac.update(enabled=True, compare=("hidden_0", "head"))
     if scale == "paper":
         config.stream.num_tasks, config.stream.train_size = 800, 60_000
         config.stream.eval_size = 2000
