@@ -14,6 +14,10 @@ OVERRIDES ?=
 CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--seeds=$(SEEDS)) \
 	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o))
 
+# Runs a resumable command again while it exits with 75 (train/watchdog.py: a stalled XLA CPU
+# computation was stopped; the rerun resumes from the last checkpoint).
+resuming = status=75; while [ $$status -eq 75 ]; do $(1); status=$$?; done; exit $$status
+
 .PHONY: test test-slow lint bench sweep list plots reproduce clean-venv
 
 $(STAMP): pyproject.toml
@@ -46,7 +50,7 @@ bench: $(BENCH_STAMP)
 
 ## make sweep EXP=name [SCALE=paper] [SEEDS=n] [METHODS=a,b] [WORKDIR=dir] [OVERRIDES="k=v ..."]
 sweep: $(STAMP)
-	$(PY) -m spectral_plasticity.cli sweep $(CLI_ARGS)
+	$(call resuming,$(PY) -m spectral_plasticity.cli sweep $(CLI_ARGS))
 
 ## make list: the experiments and their methods.
 list: $(STAMP)
@@ -59,7 +63,8 @@ plots: $(STAMP)
 ## make reproduce [SCALE=paper]: the paper's claims with statistics (resumable) ->
 ## docs/REPRODUCTION_RESULTS.md and docs/figures/.
 reproduce: $(STAMP)
-	$(PY) -m spectral_plasticity.reproduce --workdir=$(WORKDIR)/reproduce --scale=$(SCALE)
+	$(call resuming,$(PY) -m spectral_plasticity.reproduce --workdir=$(WORKDIR)/reproduce \
+		--scale=$(SCALE))
 
 clean-venv:
 	rm -rf $(VENV)

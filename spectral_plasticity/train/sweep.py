@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from spectral_plasticity.train import results
 from spectral_plasticity.train.checkpoint import Checkpointer
 from spectral_plasticity.train.progress import ProgressBar
+from spectral_plasticity.train.watchdog import StallWatchdog
 
 PyTree = Any
 Hparams = dict[str, jax.Array]
@@ -150,6 +151,7 @@ def run_sweep(
     keep: int = 3,
     label: str = "",
     max_chunks: int | None = None,
+    stall_seconds: float = 300.0,
 ) -> pd.DataFrame:
     """Runs every (hyperparameters, seed) pair of one method; returns its results table.
 
@@ -163,6 +165,8 @@ def run_sweep(
       keep: checkpoints kept.
       label: shown in the progress bar and the log.
       max_chunks: stop after this many chunks in this call (the run resumes later).
+      stall_seconds: on CPU, exit with ``watchdog.EXIT_STALLED`` when a chunk uses no CPU for
+        this long (an intermittent XLA CPU hang; see ``train.watchdog``); 0 disables.
 
     Returns:
       The whole ``results.csv`` as a DataFrame (including rows of earlier, resumed calls).
@@ -229,11 +233,13 @@ def run_sweep(
                       start=start * trainer.rows_per_chunk * trainer.work_per_row)
     end = trainer.num_chunks if max_chunks is None else min(trainer.num_chunks,
                                                             start + max_chunks)
+    watchdog = StallWatchdog(stall_seconds, label or str(run_dir))
     try:
         for chunk in range(start, end):
             t0 = time.perf_counter()
-            state, metrics = run_chunk(state, hp)
-            metrics_np = {k: v[: len(runs)] for k, v in _to_host(metrics).items()}
+            with watchdog.watch(f"chunk {chunk + 1}"):
+                state, metrics = run_chunk(state, hp)
+                metrics_np = {k: v[: len(runs)] for k, v in _to_host(metrics).items()}
             scalars, arrays = _split_metrics(metrics_np, trainer.rows_per_chunk)
             for i, (h, s) in enumerate(runs):
                 bad = [k for k, v in metrics_np.items()
