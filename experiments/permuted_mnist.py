@@ -22,7 +22,7 @@ def get_config(scale: str = "small"):
     config.hessian.eps = 0.01
     # KFAC factors A and G of every layer at each measured new-task initialization, compared
     # with the exact GGN block of the first hidden layer and the head.
-    config.kfac.update(enabled=True, compare=("hidden_0", "head"))
+    config.kfac.update(enabled=True, compare_layers=("hidden_0", "head"))
     if scale == "paper":
         config.stream.num_tasks, config.stream.train_size = 800, 60_000
         config.stream.eval_size = 2000

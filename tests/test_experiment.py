@@ -77,3 +77,17 @@ def test_unknown_trainer_is_refused(experiments_dir):
     config.trainer = "evolution"
     with pytest.raises(ValueError, match="unknown trainer 'evolution'"):
         experiment.make_trainer(config)
+
+
+@pytest.mark.parametrize("scale", experiment.SCALES)
+def test_every_shipped_experiment_config_loads_and_names_known_methods(scale):
+    from spectral_plasticity.train import method_registry
+
+    names = experiment.available_experiments()
+    assert {"permuted_mnist", "permuted_fashion_mnist", "slowly_changing_regression",
+            "continual_imagenet", "incremental_cifar"} <= set(names)
+    for name in names:
+        config = experiment.load_config(name, scale)
+        assert config.trainer in experiment.TRAINERS, name
+        method_registry.check_methods(list(config.methods))
+        assert config.seeds >= 1

@@ -89,8 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.measure_hessian = True
     c.hessian = ml_collections.ConfigDict({
         "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500})
-    c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn", "compare": True,
-                                        "num_iters": 30})
+    # compare_layers: the layers whose KFAC spectrum is compared with their exact GGN block
+    # (Lanczos); ("all",) for every layer, () for none.
+    c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
+                                        "compare_layers": ("all",), "num_iters": 30})
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
     c.plots = ml_collections.ConfigDict({"performance": "eval_accuracy"})
     return c
@@ -232,11 +234,14 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return {"epsilon_rank": nan, "top_eigenvalue": nan, "density": grid,
                 "density_grid": grid}
 
+    layers = tuple(config.kfac.compare_layers)
+    kfac_compare = True if layers == ("all",) else layers
+
     def kfac_metrics(params, model_state, x, y, mask, key):
         loss_fn = lambda out, t: per_example_loss(loss_kind, out, t, mask)
         apply = lambda p, inputs: predict(p, model_state, inputs)
         return kfac_diagnostics(apply, params, x, y, loss_fn=loss_fn, key=key,
-                                mode=config.kfac.mode, compare=config.kfac.compare,
+                                mode=config.kfac.mode, compare=kfac_compare,
                                 num_iters=config.kfac.num_iters, chunk_size=hess.chunk_size)
 
     def run_task(stream: TaskStream, state: RunState, hparams, measure: bool):

@@ -285,7 +285,7 @@ def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
     from spectral_plasticity.curvature import kfac_diagnostics
 
     config = tiny_config(tasks_per_chunk=2, measure=True)
-    config.kfac.update(enabled=True, compare=False)
+    config.kfac.update(enabled=True, compare_layers=())
     trainer = supervised.make_train(config)
     state0 = trainer.init(jax.random.key(0), {})
     _, rows = jax.jit(trainer.run_chunk)(state0, {})
