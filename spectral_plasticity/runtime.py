@@ -1,12 +1,13 @@
 """Process-wide JAX settings applied by our entry points (the CLI, ``make reproduce``, tests).
 
-CPU computations run inline, without asynchronous dispatch (``jax_cpu_enable_async_dispatch``
-off). With it on, a vmapped chunk of the supervised trainer with the new-task Hessian (Lanczos
-``fori_loop``s inside ``lax.scan``) occasionally never finished here: the host waited on a result
-while every XLA worker thread slept, using no CPU (seen with jax 0.10.2 both with and without
-XLA's multi-threaded Eigen pool; cf. jax-ml/jax#25861 and openxla/xla#33048, both about loops
-under CPU async dispatch). Our runners block on every chunk's results anyway, so nothing is lost.
-The setting only concerns the CPU backend; a user's ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` wins.
+With jax 0.10.2 on CPU, a vmapped chunk of the supervised trainer with the new-task Hessian
+(Lanczos loops inside the chunk) often never finished here: the host waited on the result while
+every XLA worker thread slept, using no CPU. It happened with and without asynchronous dispatch,
+XLA's multi-threaded Eigen pool, single-threaded OpenBLAS and the legacy CPU runtime flag; it
+went away with XLA's concurrency-optimized thunk scheduler turned off, and we also run CPU
+computations without async dispatch (cf. jax-ml/jax#25861, openxla/xla#33048 on loops under
+the CPU runtime). Both settings concern the CPU backend only; a user's own choice (in
+``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ import os
 
 import jax
 
+CPU_XLA_FLAGS = {"xla_cpu_enable_concurrency_optimized_scheduler": "false"}
+
 
 def configure_runtime() -> None:
-    """Turns off CPU async dispatch (see the module docstring) unless the user chose."""
+    """Applies the settings above; call it before the first computation."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
         jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -20,3 +20,17 @@ def test_async_dispatch_is_off_unless_the_user_chose(monkeypatch):
         assert jax.config.values[FLAG] is True
     finally:
         jax.config.update(FLAG, before)
+
+
+def test_xla_flag_is_added_once_and_a_user_choice_is_kept(monkeypatch):
+    import os
+
+    name = "--xla_cpu_enable_concurrency_optimized_scheduler"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    runtime.configure_runtime()
+    runtime.configure_runtime()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                               f"{name}=false"]
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=true")
+    runtime.configure_runtime()
+    assert os.environ["XLA_FLAGS"] == f"{name}=true"
