@@ -256,6 +256,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/reproduce", "Where the runs are written (resumable).")
 flags.DEFINE_enum("scale", "small", ["small", "paper"], "small: CPU studies; paper: protocol.")
 flags.DEFINE_list("only", None, "Run only these experiments of the plan.")
+flags.DEFINE_bool("report_only", False, "Only write the report from the results already in "
+                  "--workdir (no training).")
 flags.DEFINE_string("report", None, "Where the tables are written (default: "
                     "docs/REPRODUCTION_RESULTS.md, or docs/REPRODUCTION_RESULTS_paper.md).")
 
@@ -271,7 +273,7 @@ def main(argv: list[str]) -> None:
         studies = tuple(s for s in studies if s.experiment in FLAGS.only)
     workdir = Path(FLAGS.workdir)
     seconds = {}
-    for study in studies:
+    for study in () if FLAGS.report_only else studies:
         logging.info("study %s: %d methods x %d seeds", study.experiment, len(study.methods),
                      study.seeds)
         seconds[study.experiment] = run_study(workdir, study, FLAGS.scale)
