@@ -30,8 +30,9 @@ from scipy import stats
 from spectral_plasticity import experiment, plots, runtime
 
 ALPHA = 0.05
-METHODS = ("bp", "l2", "er", "l2_er", "cbp", "layernorm_l2", "spectral_reg", "shrink_perturb",
-           "l2_init", "redo", "reset")
+# In the order they run: the methods of the paper's claims first.
+METHODS = ("bp", "l2_er", "reset", "l2", "er", "layernorm_l2", "cbp", "shrink_perturb",
+           "l2_init", "redo", "spectral_reg")
 
 
 class Study(NamedTuple):
@@ -126,6 +127,14 @@ def load_study(workdir: Path, study: Study, scale: str) -> StudyResults:
     config = experiment.load_config(study.experiment, scale)
     columns = plots.PlotColumns.from_config(config)
     tables = plots.load_results(workdir / f"{study.experiment}-{scale}")
+    # Only finished runs: a method stopped part-way would be compared on other tasks.
+    last = max((t[columns.row].max() for t in tables.values() if len(t)), default=0)
+    done = {m: t for m, t in tables.items() if len(t) and
+            t.groupby("seed")[columns.row].max().min() == last}
+    for method in sorted(set(tables) - set(done)):
+        logging.warning("%s: %s has not finished; left out of the tables", study.experiment,
+                        method)
+    tables = done
     higher = "loss" not in columns.performance and "error" not in columns.performance
     return StudyResults(study, tables, columns, higher)
 

@@ -151,7 +151,7 @@ def run_sweep(
     keep: int = 3,
     label: str = "",
     max_chunks: int | None = None,
-    stall_seconds: float = 300.0,
+    stall_seconds: float = 60.0,
 ) -> pd.DataFrame:
     """Runs every (hyperparameters, seed) pair of one method; returns its results table.
 
