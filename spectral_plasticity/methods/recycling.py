@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from spectral_plasticity.methods.optimizer_state import zero_param_entries
 from spectral_plasticity.metrics import dormant_scores, feature_matrix
 
 PyTree = Any
@@ -88,21 +88,18 @@ def _full_mask(params: PyTree, partial: Mapping[str, Mapping[str, jax.Array]]) -
     return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def recycle(params: PyTree, fresh_params: PyTree, opt_state: PyTree,
-            optimizer: optax.GradientTransformation, layer: str, next_layer: str,
-            replace: jax.Array) -> tuple[PyTree, PyTree]:
+def recycle(params: PyTree, fresh_params: PyTree, opt_state: PyTree, layer: str,
+            next_layer: str, replace: jax.Array) -> tuple[PyTree, PyTree]:
     """Recycles the ``replace``-d units of ``layer``: fresh incoming weights, zero outgoing
-    weights, zero optimizer moments of both. Returns ``(params, opt_state)``."""
+    weights, zero optimizer moments of both (``zero_param_entries``: moments only, anchors
+    such as ``l2_init``'s initial parameters kept). Returns ``(params, opt_state)``."""
     masks = unit_masks(params, layer, next_layer, replace)
     incoming = _full_mask(params, {layer: masks[layer]})
     touched = _full_mask(params, masks)
     params = jax.tree.map(lambda p, f, m: jnp.where(m, f, p), params, fresh_params, incoming)
     outgoing = _full_mask(params, {next_layer: masks[next_layer]})
     params = jax.tree.map(lambda p, m: jnp.where(m, 0.0, p), params, outgoing)
-    opt_state = optax.tree_utils.tree_map_params(
-        optimizer, lambda s, m: jnp.where(m, jnp.zeros_like(s), s), opt_state, touched,
-        transform_non_params=lambda x: x)
-    return params, opt_state
+    return params, zero_param_entries(opt_state, params, touched)
 
 
 def _outgoing_weight_sums(params: PyTree, layer: str, next_layer: str) -> jax.Array:
@@ -152,7 +149,7 @@ def cbp_init(params: PyTree, layer_pairs: LayerPairs) -> CBPState:
 
 
 def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mapping[str, jax.Array],
-             fresh_params: PyTree, *, optimizer: optax.GradientTransformation,
+             fresh_params: PyTree, *,
              layer_pairs: LayerPairs, replacement_rate: float = 1e-4, decay_rate: float = 0.99,
              maturity_threshold: int = 100) -> tuple[PyTree, PyTree, CBPState, jax.Array]:
     """One CBP step after an update: update utilities, recycle the lowest-utility mature units.
@@ -164,7 +161,6 @@ def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mappi
       features: the model's features on this step's batch.
       fresh_params: a new initialization of the model (e.g. ``init_fn(key)``): the source of
         the recycled units' incoming weights.
-      optimizer: the optimizer that made ``opt_state``.
       layer_pairs: ``(layer, next_layer)`` pairs to recycle (``models.unit_layers``).
       replacement_rate: fraction of mature units replaced per step, in [0, 1].
       decay_rate: ``eta`` of the running averages, in [0, 1).
@@ -199,7 +195,7 @@ def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mappi
         replace = mature & (ranking < count)
         bias_shift = _outgoing_mean_contribution(params, layer, next_layer,
                                                  corrected_activation, replace)
-        params, opt_state = recycle(params, fresh_params, opt_state, optimizer, layer,
+        params, opt_state = recycle(params, fresh_params, opt_state, layer,
                                     next_layer, replace)
         if "bias" in params[next_layer]:
             params = {**params, next_layer: {**params[next_layer],
@@ -219,7 +215,7 @@ def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mappi
 
 
 def redo_step(params: PyTree, opt_state: PyTree, features: Mapping[str, jax.Array],
-              fresh_params: PyTree, *, optimizer: optax.GradientTransformation,
+              fresh_params: PyTree, *,
               layer_pairs: LayerPairs, tau: float = 0.025) -> tuple[PyTree, PyTree, jax.Array]:
     """Recycles every tau-dormant unit (``s_i <= tau``) of the layers of ``layer_pairs``.
 
@@ -231,7 +227,7 @@ def redo_step(params: PyTree, opt_state: PyTree, features: Mapping[str, jax.Arra
     total = jnp.zeros((), jnp.int32)
     for layer, next_layer in layer_pairs:
         replace = dormant_scores(features[layer]) <= tau
-        params, opt_state = recycle(params, fresh_params, opt_state, optimizer, layer,
+        params, opt_state = recycle(params, fresh_params, opt_state, layer,
                                     next_layer, replace)
         total = total + jnp.sum(replace)
     return params, opt_state, total

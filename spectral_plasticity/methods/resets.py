@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
+
+from spectral_plasticity.methods.optimizer_state import zero_param_entries
 
 PyTree = Any
 
@@ -23,8 +24,7 @@ def reset_all(fresh_params: PyTree, optimizer: optax.GradientTransformation
     return fresh_params, optimizer.init(fresh_params)
 
 
-def reset_head(params: PyTree, opt_state: PyTree, fresh_params: PyTree,
-               optimizer: optax.GradientTransformation, head: str = "head"
+def reset_head(params: PyTree, opt_state: PyTree, fresh_params: PyTree, head: str = "head"
                ) -> tuple[PyTree, PyTree]:
     """Re-initializes layer ``head`` from ``fresh_params`` and zeroes its optimizer moments."""
     if head not in params:
@@ -32,7 +32,4 @@ def reset_head(params: PyTree, opt_state: PyTree, fresh_params: PyTree,
     params = {**params, head: fresh_params[head]}
     is_head = {name: jax.tree.map(lambda _, h=(name == head): h, sub)
                for name, sub in params.items()}
-    opt_state = optax.tree_utils.tree_map_params(
-        optimizer, lambda s, m: jnp.where(m, jnp.zeros_like(s), s), opt_state, is_head,
-        transform_non_params=lambda x: x)
-    return params, opt_state
+    return params, zero_param_entries(opt_state, params, is_head)

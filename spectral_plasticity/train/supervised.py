@@ -259,7 +259,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             params, opt_state = reset_all(fresh_params, tx)
         if stream.reset_head:  # zeroed, as Dohare et al.'s continual-ImageNet protocol
             params, opt_state = reset_head(params, opt_state,
-                                           jax.tree.map(jnp.zeros_like, params), tx)
+                                           jax.tree.map(jnp.zeros_like, params))
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
         if config.kfac.enabled:
@@ -298,7 +298,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             if plan.recycling == "cbp":
                 params, opt_state, method_state, _ = cbp_step(
                     params, opt_state, method_state, feats, init_params(step_key),
-                    optimizer=tx, layer_pairs=pairs,
+                    layer_pairs=pairs,
                     replacement_rate=float(plan.settings["replacement_rate"]),
                     decay_rate=float(plan.settings["cbp_decay"]),
                     maturity_threshold=int(plan.settings["maturity_threshold"]))
@@ -307,7 +307,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                 params, opt_state = jax.lax.cond(
                     i % every == every - 1,
                     lambda po: redo_step(po[0], po[1], features_fn(po[0]),
-                                         init_params(step_key), optimizer=tx,
+                                         init_params(step_key),
                                          layer_pairs=pairs,
                                          tau=float(plan.settings["redo_tau"]))[:2],
                     lambda po: po, (params, opt_state))

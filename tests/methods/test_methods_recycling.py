@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from spectral_plasticity.methods import cbp_init, cbp_step, redo_step, reset_all, reset_head
+from spectral_plasticity.methods.recycling import recycle
 from spectral_plasticity.models import MLP, ConvNet, unit_layers
 
 MODEL = MLP(hidden_sizes=(8, 6), num_outputs=3)
@@ -42,7 +43,7 @@ def test_cbp_replaces_exactly_the_lowest_utility_mature_units():
     replaced_total = 0
     for _ in range(6):
         new_params, opt_state, state, replaced = cbp_step(
-            params, opt_state, state, features, FRESH, optimizer=OPT, layer_pairs=PAIRS[:1],
+            params, opt_state, state, features, FRESH, layer_pairs=PAIRS[:1],
             replacement_rate=3 / 8, decay_rate=0.9, maturity_threshold=5)
         replaced_total += int(replaced)
     assert replaced_total == 3
@@ -76,7 +77,7 @@ def test_cbp_fractional_accumulation_and_immature_units_are_safe():
     params, counts = PARAMS, []
     for _ in range(20):
         params, opt_state, state, replaced = cbp_step(
-            params, opt_state, state, features, FRESH, optimizer=OPT, layer_pairs=PAIRS[:1],
+            params, opt_state, state, features, FRESH, layer_pairs=PAIRS[:1],
             replacement_rate=0.05, decay_rate=0.99, maturity_threshold=10)
         counts.append(int(replaced))
     assert sum(counts[:10]) == 0  # nobody is mature yet
@@ -98,7 +99,7 @@ def test_redo_recycles_exactly_the_dormant_units_of_a_conv_net():
     opt = optax.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
     _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
-    new, opt_state, count = redo_step(params, opt_state, features, fresh, optimizer=opt,
+    new, opt_state, count = redo_step(params, opt_state, features, fresh,
                                       layer_pairs=pairs, tau=0.025)
     assert int(count) == 1
     kernel = new["conv_1"]["kernel"]
@@ -115,7 +116,7 @@ def test_redo_recycles_exactly_the_dormant_units_of_a_conv_net():
 
 def test_resets():
     opt_state = _filled_adam_state(PARAMS)
-    params, state = reset_head(PARAMS, opt_state, FRESH, OPT)
+    params, state = reset_head(PARAMS, opt_state, FRESH)
     np.testing.assert_array_equal(params["head"]["kernel"], FRESH["head"]["kernel"])
     np.testing.assert_array_equal(params["hidden_0"]["kernel"], PARAMS["hidden_0"]["kernel"])
     np.testing.assert_array_equal(state[0].mu["head"]["kernel"], 0.0)
@@ -123,7 +124,7 @@ def test_resets():
     params, state = reset_all(FRESH, OPT)
     assert int(state[0].count) == 0
     with pytest.raises(ValueError, match="unknown head layer"):
-        reset_head(PARAMS, opt_state, FRESH, OPT, head="output")
+        reset_head(PARAMS, opt_state, FRESH, head="output")
 
 
 def test_cbp_under_jit_and_vmap_over_four_seeds():
@@ -136,7 +137,7 @@ def test_cbp_under_jit_and_vmap_over_four_seeds():
         for _ in range(4):
             features = MODEL.apply({"params": params}, X)[1]
             params, opt_state, state, _ = cbp_step(
-                params, opt_state, state, features, fresh, optimizer=OPT, layer_pairs=PAIRS,
+                params, opt_state, state, features, fresh, layer_pairs=PAIRS,
                 replacement_rate=0.5, maturity_threshold=1)
         return params
 
@@ -148,7 +149,37 @@ def test_cbp_under_jit_and_vmap_over_four_seeds():
 def test_bad_rates():
     state, opt_state = cbp_init(PARAMS, PAIRS), OPT.init(PARAMS)
     with pytest.raises(ValueError, match="replacement_rate must lie in"):
-        cbp_step(PARAMS, opt_state, state, {}, FRESH, optimizer=OPT, layer_pairs=PAIRS,
+        cbp_step(PARAMS, opt_state, state, {}, FRESH, layer_pairs=PAIRS,
                  replacement_rate=1.5)
     with pytest.raises(ValueError, match="tau must be non-negative"):
-        redo_step(PARAMS, opt_state, {}, FRESH, optimizer=OPT, layer_pairs=PAIRS, tau=-0.1)
+        redo_step(PARAMS, opt_state, {}, FRESH, layer_pairs=PAIRS, tau=-0.1)
+
+
+def test_recycling_zeroes_moments_only_and_keeps_every_other_state():
+    """With L2-Init anchors and the spectral-norm regularizer's state in the chain, recycling
+    zeroes exactly the Adam moments of the touched weights; anchors and power-iteration
+    vectors stay as they were."""
+    from spectral_plasticity.methods import l2_init, spectral_norm_reg
+
+    opt = optax.chain(l2_init(1e-2), spectral_norm_reg(1e-3), optax.adam(1e-3))
+    opt_state = opt.init(PARAMS)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    _, opt_state = opt.update(grads, opt_state, PARAMS)
+    replace = jnp.zeros(PARAMS["hidden_0"]["kernel"].shape[-1], bool).at[jnp.array([1, 4])].set(
+        True)
+    new_params, new_state = recycle(PARAMS, FRESH, opt_state, "hidden_0", "hidden_1", replace)
+    anchors_before, sn_before, adam_before = opt_state
+    anchors_after, sn_after, adam_after = new_state
+    assert _leaves_equal(anchors_before, anchors_after) and _leaves_equal(sn_before, sn_after)
+    mu = adam_after[0].mu
+    np.testing.assert_array_equal(mu["hidden_0"]["kernel"][:, [1, 4]], 0.0)
+    np.testing.assert_array_equal(mu["hidden_1"]["kernel"][[1, 4], :], 0.0)
+    np.testing.assert_array_equal(mu["hidden_0"]["kernel"][:, 0],
+                                  adam_before[0].mu["hidden_0"]["kernel"][:, 0])
+    np.testing.assert_array_equal(new_params["hidden_0"]["kernel"][:, 1],
+                                  FRESH["hidden_0"]["kernel"][:, 1])
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                     strict=True))
