@@ -3,10 +3,13 @@
 With jax 0.10.2 on CPU, a vmapped chunk of the supervised trainer with the new-task Hessian
 (Lanczos loops inside the chunk) often never finished here: the host waited on the result while
 every XLA worker thread slept, using no CPU. It happened with and without asynchronous dispatch,
-XLA's multi-threaded Eigen pool, single-threaded OpenBLAS and the legacy CPU runtime flag; it
-went away with XLA's concurrency-optimized thunk scheduler turned off, and we also run CPU
-computations without async dispatch (cf. jax-ml/jax#25861, openxla/xla#33048 on loops under
-the CPU runtime). Both settings concern the CPU backend only; a user's own choice (in
+XLA's multi-threaded Eigen pool, single-threaded OpenBLAS and the legacy CPU runtime flag, and
+only partly with XLA's concurrency-optimized thunk scheduler turned off. What ended it is an
+``optimization_barrier`` in the trainer that orders the measurement before and after the
+training loop (so the runtime never runs the Lanczos loops concurrently with it): three runs
+of the chunk that had hung every time then finished. We keep the scheduler flag off and run CPU
+computations without async dispatch as well (cf. jax-ml/jax#25861, openxla/xla#33048 on loops
+under the CPU runtime). Both settings concern the CPU backend only; a user's own choice (in
 ``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
 """
 

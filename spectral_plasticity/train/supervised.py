@@ -268,6 +268,14 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             kfac_row = (kfac_metrics(*kfac_args) if measure else jax.tree.map(
                 lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
                 jax.eval_shape(kfac_metrics, *kfac_args)))
+            at_init = {**at_init, "kfac": kfac_row}
+        if measure:
+            # The measurement must finish before training starts (and, below, before the next
+            # task): left independent, XLA's CPU runtime runs its loops concurrently with the
+            # training loop, and that combination intermittently never finished (all threads
+            # asleep; see spectral_plasticity/runtime.py).
+            at_init, params, opt_state = jax.lax.optimization_barrier(
+                (at_init, params, opt_state))
 
         def step(carry, i):
             params, model_state, opt_state, method_state, buffer = carry
@@ -331,11 +339,13 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             row["eval_accuracy"] = jnp.mean(accuracy(eval_out, eval_y, mask))
         at_end = (curvature(params, model_state, hess_x, hess_y, mask, k_end) if measure
                   else nan_curvature())
+        if measure:
+            at_end, params, opt_state = jax.lax.optimization_barrier((at_end, params, opt_state))
+        kfac_row = at_init.pop("kfac", {})
         row |= {f"{k}_init": v for k, v in at_init.items()}
         row |= {f"{k}_end": v for k, v in at_end.items()}
         row["density_grid"] = row.pop("density_grid_init")
-        if config.kfac.enabled:
-            row |= {f"{k}_init": v for k, v in kfac_row.items()}
+        row |= {f"{k}_init": v for k, v in kfac_row.items()}
         new_state = RunState(params, model_state, opt_state, method_state, buffer, state.key,
                              state.task + 1)
         return new_state, row
