@@ -15,8 +15,9 @@ CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--se
 	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o))
 
 # Runs a resumable command again while it exits with 75 (train/watchdog.py: a stalled XLA CPU
-# computation was stopped; the rerun resumes from the last checkpoint).
-resuming = status=75; while [ $$status -eq 75 ]; do $(1); status=$$?; done; exit $$status
+# computation was stopped; the rerun resumes from the last checkpoint), at most 5 more times.
+resuming = status=75; tries=0; while [ $$status -eq 75 ] && [ $$tries -lt 6 ]; do \
+	$(1); status=$$?; tries=$$((tries + 1)); done; exit $$status
 
 .PHONY: test test-slow lint bench sweep list plots reproduce clean-venv
 

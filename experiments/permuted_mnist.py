@@ -21,8 +21,10 @@ def get_config(scale: str = "small"):
     config.method_settings.erank_learning_rate = 1e-3
     config.hessian.eps = 0.01
     # KFAC factors A and G of every layer at each measured new-task initialization, compared
-    # with the exact GGN block of the first hidden layer and the head.
-    config.kfac.update(enabled=True, compare_layers=("hidden_0", "head"))
+    # with the exact GGN block of the first hidden layer and the head. On for accelerators; on
+    # XLA's CPU runtime the chunk of an ER method with KFAC never finishes (README, "Known
+    # problems"), so the CPU scale leaves it off (OVERRIDES="kfac.enabled=True" turns it on).
+    config.kfac.update(enabled=scale == "paper", compare_layers=("hidden_0", "head"))
     if scale == "paper":
         config.stream.num_tasks, config.stream.train_size = 800, 60_000
         config.stream.eval_size = 2000

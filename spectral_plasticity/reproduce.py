@@ -54,7 +54,10 @@ CPU_STUDIES = (
     Study("permuted_fashion_mnist", METHODS, seeds=5, window=5, overrides=(
         "stream.num_tasks=30", "stream.train_size=1000", "stream.eval_size=500",
         "optimizer.learning_rate=0.03", "tasks_per_chunk=5", "hessian.examples=300",
-        "hessian.num_iters=30", "hessian.grid_size=2000")),
+        "hessian.num_iters=30", "hessian.grid_size=2000",
+        # KFAC is no claim of the paper; with it, the ER methods' chunk never finishes on
+        # XLA's CPU runtime (see README, "Known problems").
+        "kfac.enabled=False")),
     Study("slowly_changing_regression", ("bp", "l2", "er", "l2_er", "cbp", "shrink_perturb",
                                          "l2_init", "redo", "reset"), seeds=5, window=5),
 )

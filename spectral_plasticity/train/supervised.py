@@ -263,6 +263,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
         if config.kfac.enabled:
+            if measure:  # one measurement loop after the other (see below)
+                at_init, params = jax.lax.optimization_barrier((at_init, params))
             k_kfac = jax.random.fold_in(k_init, 1)
             kfac_args = (params, model_state, hess_x, hess_y, mask, k_kfac)
             kfac_row = (kfac_metrics(*kfac_args) if measure else jax.tree.map(
@@ -271,9 +273,9 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             at_init = {**at_init, "kfac": kfac_row}
         if measure:
             # The measurement must finish before training starts (and, below, before the next
-            # task): left independent, XLA's CPU runtime runs its loops concurrently with the
-            # training loop, and that combination intermittently never finished (all threads
-            # asleep; see spectral_plasticity/runtime.py).
+            # task): left independent, XLA's CPU runtime runs its loops concurrently with each
+            # other and with the training loop, and that combination intermittently never
+            # finished (all threads asleep; see spectral_plasticity/runtime.py).
             at_init, params, opt_state = jax.lax.optimization_barrier(
                 (at_init, params, opt_state))
 
