@@ -32,8 +32,11 @@ Features = Mapping[str, jax.Array]
 LayerChoice = str | Sequence[str]
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def _depth_key(name: str) -> tuple[int, list[Any]]:
+    """Input-to-output order of our models' feature names: ``stem`` first, ``pool`` last, the
+    rest (``hidden_i``, ``conv_i``, ``block_s_b``, ...) in natural order of their numbers."""
+    place = 0 if name == "stem" else 2 if name == "pool" else 1
+    return place, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def select_layers(features: Features, layers: LayerChoice) -> list[str]:
@@ -43,7 +46,7 @@ def select_layers(features: Features, layers: LayerChoice) -> list[str]:
       features: a model's features dict.
       layers: ``"all"``, ``"last_two"``, or a sequence of layer names.
     """
-    names = sorted(features, key=_natural_key)
+    names = sorted(features, key=_depth_key)
     if layers == "all":
         return names
     if layers == "last_two":

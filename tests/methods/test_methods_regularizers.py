@@ -19,7 +19,7 @@ from spectral_plasticity.methods import (
     spectral_reg,
 )
 from spectral_plasticity.methods.regularizers import largest_singular_value
-from spectral_plasticity.models import MLP
+from spectral_plasticity.models import MLP, ConvNet, ResNet18, hidden_layer_names
 
 MODEL = MLP(hidden_sizes=(12, 10), num_outputs=3)
 X = jax.random.normal(jax.random.key(1), (32, 6))
@@ -82,6 +82,14 @@ def test_layer_selection():
     assert select_layers(features, ["hidden_10", "hidden_0"]) == ["hidden_0", "hidden_10"]
     with pytest.raises(ValueError, match=r"unknown ER layers \['hidden_7'\]"):
         select_layers(features, ["hidden_7"])
+
+
+@pytest.mark.parametrize("model", [ResNet18(num_outputs=10), ConvNet(num_outputs=2)])
+def test_layer_selection_follows_the_model_from_input_to_output(model):
+    names = hidden_layer_names(model)  # the models' own order, input to output
+    features = {n: jnp.ones((2, 2)) for n in reversed(names)}
+    assert select_layers(features, "all") == names
+    assert select_layers(features, "last_two") == names[-2:]
 
 
 def test_l2_init_pulls_toward_initial_params():
