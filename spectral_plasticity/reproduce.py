@@ -60,6 +60,8 @@ CPU_STUDIES = (
         "kfac.enabled=False")),
     Study("slowly_changing_regression", ("bp", "l2", "er", "l2_er", "cbp", "shrink_perturb",
                                          "l2_init", "redo", "reset"), seeds=5, window=5),
+    # The gymnax continual task (the paper's RL claims are on Slippery Ant, too slow here).
+    Study("continual_cartpole", ("bp", "l2_er", "l2", "er"), seeds=5, window=3),
 )
 PAPER_STUDIES = (
     Study("permuted_mnist", METHODS, seeds=5, window=50),

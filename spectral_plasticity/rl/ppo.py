@@ -24,9 +24,9 @@ optimizer state ``optax.chain(*method.before, adam, *method.after)`` (``train.me
 gradients may first be clipped jointly to ``max_grad_norm``. The methods act on both networks:
 L2, L2-Init, spectral-norm and Parseval regularization and Shrink & Perturb through the chain;
 the joint L2-ER (``l2_er_joint``) gets the features of the minibatch's observations; the
-alternating ER ascent (``er``, ``l2_er``) runs every ``erank_every`` gradient steps on the
-minibatch's features; CBP every step and ReDo every ``redo_every`` steps recycle hidden units
-of each network; ``reset`` re-initializes both networks at every phase.
+alternating ER ascent (``er``, ``l2_er``) runs every ``erank_every`` gradient steps of a phase
+on the minibatch's features; CBP every step and ReDo every ``redo_every`` steps of a phase
+recycle hidden units of each network; ``reset`` re-initializes both networks at every phase.
 
 Per phase (one row) it records: the online episodic return (episodes completed in the phase,
 over the whole phase and its last tenth; an episode that spans a change of dynamics counts in
@@ -387,8 +387,13 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                      flat(advantages), flat(returns))
 
     def method_step(name, tx, hparams, params, opt_state, method_state, grads, features, obs,
-                    step, key):
-        """One optimizer step of network ``name`` and the method's hooks."""
+                    phase_step, key):
+        """One optimizer step of network ``name`` and the method's hooks.
+
+        ``phase_step`` counts the gradient steps of the current phase from scan indices, so it
+        is the same for every vmapped run and the periodic hooks stay a real ``lax.cond``
+        (a per-run counter would turn it into a select that runs the hook at every step).
+        """
         features_fn = lambda prm: apply[name](prm, obs)[1]
         noise_key, fresh_key = jax.random.split(key)
         updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
@@ -399,7 +404,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if plan.erank_ascent:
             every = int(plan.settings["erank_every"])
             params = jax.lax.cond(
-                step % every == every - 1,
+                phase_step % every == every - 1,
                 lambda prm: erank_ascent(prm, features_fn, layers=plan.settings["erank_layers"],
                                          learning_rate=setting(hparams, "erank_learning_rate")),
                 lambda prm: prm, params)
@@ -413,17 +418,21 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if plan.recycling == "redo":
             every = int(plan.settings["redo_every"])
             params, opt_state, recycled = jax.lax.cond(
-                step % every == every - 1,
+                phase_step % every == every - 1,
                 lambda po: redo_step(po[0], po[1], features, fresh(),
                                      layer_pairs=pairs[name],
                                      tau=float(plan.settings["redo_tau"])),
                 lambda po: (*po, jnp.zeros((), jnp.int32)), (params, opt_state))
         return params, opt_state, method_state, recycled
 
-    def learn(tx, hparams, carry, batch: Batch, key: jax.Array):
-        """``update_epochs`` passes of minibatch steps over ``batch``."""
+    def learn(tx, hparams, carry, batch: Batch, key: jax.Array, update_index: jax.Array):
+        """``update_epochs`` passes of minibatch steps over ``batch`` (update ``update_index``
+        of the phase)."""
 
-        def minibatch_step(carry, minibatch: Batch):
+        def minibatch_step(carry, xs):
+            minibatch, epoch_index, minibatch_index = xs
+            phase_step = ((update_index * p.update_epochs + epoch_index) * p.num_minibatches
+                          + minibatch_index)
             params, opt_state, method_state, step = carry
             grads, (info, features) = jax.grad(loss_fn, has_aux=True)(params, minibatch)
             if p.max_grad_norm > 0:
@@ -434,8 +443,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             for i, name in enumerate(NETWORKS):
                 new[name] = method_step(
                     name, tx, hparams, params[name], opt_state[name],
-                    method_state.get(name), grads[name], features[name], minibatch.obs, step,
-                    jax.random.fold_in(step_key, i))
+                    method_state.get(name), grads[name], features[name], minibatch.obs,
+                    phase_step, jax.random.fold_in(step_key, i))
                 recycled = recycled + new[name][3]
             params = {n: new[n][0] for n in NETWORKS}
             opt_state = {n: new[n][1] for n in NETWORKS}
@@ -443,15 +452,17 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
                 method_state = {n: new[n][2] for n in NETWORKS}
             return (params, opt_state, method_state, step + 1), {**info, "recycled": recycled}
 
-        def epoch(carry, epoch_key):
+        def epoch(carry, xs):
+            epoch_key, epoch_index = xs
             order = jax.random.permutation(epoch_key, batch_size)
             minibatches = jax.tree.map(
                 lambda x: x[order].reshape((p.num_minibatches, minibatch_size, *x.shape[1:])),
                 batch)
-            return jax.lax.scan(minibatch_step, carry, minibatches)
+            indices = jnp.full((p.num_minibatches,), epoch_index), jnp.arange(p.num_minibatches)
+            return jax.lax.scan(minibatch_step, carry, (minibatches, *indices))
 
         epoch_keys = jax.random.split(jax.random.fold_in(key, 0), int(p.update_epochs))
-        carry, info = jax.lax.scan(epoch, carry, epoch_keys)
+        carry, info = jax.lax.scan(epoch, carry, (epoch_keys, jnp.arange(p.update_epochs)))
         recycled = jnp.sum(info.pop("recycled"))
         return carry, {**jax.tree.map(jnp.mean, info), "recycled": recycled}
 
@@ -501,7 +512,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             env_state, obs, episode_return, trajectory, finished = rollout(
                 learner[0]["actor"], env_state, obs, episode_return, dynamics, rollout_key)
             batch = to_batch(learner[0], trajectory)
-            learner, info = learn(tx, hparams, learner, batch, learn_key)
+            learner, info = learn(tx, hparams, learner, batch, learn_key, u)
             info |= {"return_sum": jnp.sum(finished), "episodes": jnp.sum(trajectory.done),
                      "reward_sum": jnp.sum(trajectory.rewards)}
             return (learner, env_state, obs, episode_return), info
