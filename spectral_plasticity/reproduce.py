@@ -30,6 +30,9 @@ from scipy import stats
 from spectral_plasticity import experiment, plots, runtime
 
 ALPHA = 0.05
+# Claim 2 counts as reproduced when epsilon-rank explains at least this share of the variance
+# of performance (the paper reports 0.711); a significant but smaller R^2 is reported as weak.
+STRONG_R2 = 0.5
 # In the order they run: the methods of the paper's claims first.
 METHODS = ("bp", "l2_er", "reset", "l2", "er", "layernorm_l2", "cbp", "shrink_perturb",
            "l2_init", "redo", "spectral_reg")
@@ -171,8 +174,13 @@ def claim_rows(res: StudyResults) -> list[tuple[str, str, str, str]]:
             r_low, r_high = np.tanh(z + np.array([-1.0, 1.0]) * stats.norm.ppf(1 - ALPHA / 2)
                                     / np.sqrt(max(len(xs) - 3, 1)))
             expected = fit.slope * sign > 0
-            verdict = ("reproduced" if fit.pvalue < ALPHA and expected else
-                       "not reproduced" if fit.pvalue < ALPHA else "inconclusive (not significant)")
+            if fit.pvalue >= ALPHA:
+                verdict = "inconclusive (not significant)"
+            elif not expected:
+                verdict = "not reproduced (significant, other direction)"
+            else:  # the paper's claim is a strong link (R^2 0.711), not any significant one
+                verdict = ("reproduced" if r2 >= STRONG_R2 else
+                           f"weak (significant, but R^2 < {STRONG_R2})")
             out.append(("2. epsilon-rank tracks performance",
                         f"R^2 of {metric} ~ {col.epsilon_rank} over measured {row}s, all methods "
                         "(paper: 0.711 on Continual ImageNet)",
@@ -234,7 +242,7 @@ def report(workdir: Path, studies: Sequence[Study], scale: str, figures_dir: Pat
             continue
         took = seconds.get(study.experiment)
         lines += [f"### {study.experiment} ({scale} scale, {study.seeds} seeds"
-                  + (f", {took / 60:.0f} min" if took else "") + ")", "",
+                  + (f", this invocation {took / 60:.0f} min" if took else "") + ")", "",
                   "Overrides: " + (", ".join(f"`{o}`" for o in study.overrides) or "none"), "",
                   "| claim | statistic | estimate [95% CI] \\| paired test | verdict |",
                   "|---|---|---|---|"]

@@ -69,3 +69,16 @@ def test_a_loss_metric_flips_the_direction():
     claims = reproduce.claim_rows(res)
     # A loss that grows over tasks is a loss of plasticity.
     assert claims[0][3] == "reproduced"
+
+
+def test_a_significant_but_weak_epsilon_rank_link_is_not_called_reproduced():
+    rng = np.random.default_rng(0)
+    rows = [{"seed": s, "task": t, "eval_accuracy": e + rng.normal(0, 1.0),
+             "epsilon_rank_init": e, "diverged": False}
+            for s in range(5) for t, e in enumerate(rng.uniform(0, 1, 200))]
+    tables = {"bp": pd.DataFrame(rows)}
+    res = reproduce.StudyResults(reproduce.Study("x", ("bp",), seeds=5, window=5), tables,
+                                 plots.PlotColumns(), higher_is_better=True)
+    claim = next(c for c in reproduce.claim_rows(res) if c[0].startswith("2."))
+    # slope 1 against noise of std 1 over uniform [0, 1] inputs: R^2 about 0.08, p << 0.05
+    assert claim[3] == f"weak (significant, but R^2 < {reproduce.STRONG_R2})", claim
