@@ -16,16 +16,8 @@ transitions per update in 8 minibatches, 4 epochs, 100 Lanczos steps, every plas
 the paper compares on Slippery Ant, five seeds.
 """
 
-from spectral_plasticity.rl.ppo import PAPER_METHODS, default_config
+from spectral_plasticity.rl.ppo import default_config
 
 
 def get_config(scale: str = "small"):
-    config = default_config("continual_cartpole", scale)
-    config.sweep = {}
-    if scale == "paper":
-        config.methods = PAPER_METHODS
-        config.seeds = 5
-    else:
-        config.methods = ("bp", "l2_er")
-        config.seeds = 2
-    return config
+    return default_config("continual_cartpole", scale)

@@ -18,16 +18,8 @@ return rises within each phase (``results.csv``: ``episode_return`` over the pha
 ``episode_return_last`` over its last tenth; ``arrays/``: the return per update).
 """
 
-from spectral_plasticity.rl.ppo import PAPER_METHODS, default_config
+from spectral_plasticity.rl.ppo import default_config
 
 
 def get_config(scale: str = "small"):
-    config = default_config("slippery_ant", scale)
-    config.sweep = {}
-    if scale == "paper":
-        config.methods = PAPER_METHODS
-        config.seeds = 5
-    else:
-        config.methods = ("bp", "l2_er")
-        config.seeds = 2
-    return config
+    return default_config("slippery_ant", scale)

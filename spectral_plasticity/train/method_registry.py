@@ -138,3 +138,19 @@ def base_optimizer(name: str, learning_rate: Any, **kwargs: Any) -> optax.Gradie
         return optax.sgd(learning_rate, momentum=momentum,
                          nesterov=bool(kwargs.get("nesterov", False)))
     return optax.adam(learning_rate, **kwargs)
+
+
+def swept_optimizer(method: str, settings: Mapping[str, Any], optimizer: Mapping[str, Any],
+                    hparams: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
+    """The method's optimizer chain with the swept values of ``hparams`` in place.
+
+    Args:
+      method: a name of ``METHODS``.
+      settings: the method's settings (``method_plan(...).settings``).
+      optimizer: the config's optimizer fields (``name``, ``learning_rate`` and its options).
+      hparams: swept values (possibly traced): ``learning_rate`` and any method setting.
+    """
+    lr = hparams.get("learning_rate", optimizer["learning_rate"])
+    options = {k: v for k, v in optimizer.items() if k not in ("name", "learning_rate")}
+    plan = method_plan(method, {k: hparams.get(k, v) for k, v in settings.items()})
+    return build_optimizer(plan, base_optimizer(optimizer["name"], lr, **options))

@@ -199,12 +199,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return hparams.get(name, plan.settings.get(name))
 
     def optimizer(hparams):
-        lr = hparams.get("learning_rate", config.optimizer.learning_rate)
-        kwargs = {k: v for k, v in config.optimizer.items() if k not in ("name", "learning_rate")}
-        settings = {k: hparams.get(k, v) for k, v in plan.settings.items()}
-        local = method_registry.method_plan(config.method, settings)
-        base = method_registry.base_optimizer(config.optimizer.name, lr, **kwargs)
-        return method_registry.build_optimizer(local, base)
+        return method_registry.swept_optimizer(config.method, plan.settings,
+                                               dict(config.optimizer), hparams)
 
     def init(key, hparams):
         key, init_key = jax.random.split(key)
