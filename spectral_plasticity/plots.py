@@ -114,8 +114,19 @@ def _label(method: str, suffix: str) -> str:
     return f"{method} ({suffix})" if suffix else method
 
 
+def _palette(n: int) -> list:
+    """``n`` distinct colours: tab10's up to 10 curves, tab20's up to 20, then a continuous map
+    (matplotlib's default cycle repeats after 10, and sweeps compare 11 methods)."""
+    name = "tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"
+    cmap = plt.get_cmap(name)
+    return [cmap(i) for i in range(n)] if n <= 20 else [cmap(i / (n - 1)) for i in range(n)]
+
+
 def _plot_over_rows(ax, tables, metric, columns) -> bool:
     drawn = False
+    curves = sum(1 for table in tables.values() if metric in table
+                 for _ in _curves(table, metric, columns))
+    ax.set_prop_cycle(color=_palette(max(curves, 1)))
     for method, table in tables.items():
         if metric not in table:
             continue
@@ -152,7 +163,7 @@ def plot_experiment(workdir: str | Path, config: Any = None,
     fig, ax = plt.subplots(figsize=(7, 4))
     if _plot_over_rows(ax, tables, columns.performance, columns):
         ax.set_ylabel(columns.performance_label)
-        ax.set_title("Performance per task (mean, 95% CI over seeds)")
+        ax.set_title(f"Performance per {columns.row} (mean, 95% CI over seeds)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "performance.png"))
     else:
@@ -162,7 +173,7 @@ def plot_experiment(workdir: str | Path, config: Any = None,
     fig, ax = plt.subplots(figsize=(7, 4))
     if _plot_over_rows(ax, tables, columns.epsilon_rank, columns):
         ax.set_ylabel("epsilon-rank at new-task init")
-        ax.set_title("Hessian epsilon-rank over tasks (mean, 95% CI)")
+        ax.set_title(f"Hessian epsilon-rank over {columns.row}s (mean, 95% CI)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "epsilon_rank.png"))
 
@@ -313,7 +324,7 @@ def plot_kfac_factors(workdir: str | Path, config: Any = None, *, suffix: str = 
         logging.info("no kfac_top_*%s arrays: KFAC factor spectra plot skipped", suffix)
         return written
     fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
-    colors = {method: f"C{i}" for i, method in enumerate(tables)}
+    colors = dict(zip(tables, _palette(len(tables)), strict=True))
     for (method, layer, factor), values in spectra.items():
         ax = axes["ag".index(factor), layers.index(layer)]
         normalized = values / values[..., :1]  # (runs, rows, k): lambda_i / lambda_1

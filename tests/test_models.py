@@ -104,6 +104,7 @@ def test_unit_layers_chain_to_the_head():
         unit_layers(ResNet18())
 
 
+@pytest.mark.slow
 def test_resnet18_has_the_standard_parameter_count_and_features():
     model = ResNet18(num_outputs=100)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

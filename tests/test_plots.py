@@ -55,6 +55,19 @@ def test_plot_experiment_writes_every_figure(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eleven_methods_get_eleven_colours(tmp_path):
+    import matplotlib.pyplot as plt
+
+    for i in range(11):  # the reproduction's 11 methods: the default cycle repeats after 10
+        _fake_run(tmp_path / f"method_{i:02d}", 0.5 + 0.01 * i, seeds=2, tasks=3)
+    fig, ax = plt.subplots()
+    assert plots._plot_over_rows(ax, plots.load_results(tmp_path), "eval_accuracy",
+                                 plots.PlotColumns.from_config(None))
+    colours = {tuple(line.get_color()) for line in ax.get_lines()}
+    plt.close(fig)
+    assert len(ax.get_lines()) == 11 and len(colours) == 11
+
+
 def test_missing_results_and_bad_plot_keys_are_reported(tmp_path):
     with pytest.raises(ValueError, match="no results under"):
         plots.plot_experiment(tmp_path)

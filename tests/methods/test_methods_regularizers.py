@@ -172,7 +172,8 @@ def test_shrink_perturb_statistics():
     np.testing.assert_allclose(u["w"], -2.0)
 
 
-@pytest.mark.parametrize("base", [optax.sgd(1e-2), optax.adam(1e-3)])
+@pytest.mark.parametrize("base", [optax.sgd(1e-2),
+                                  pytest.param(optax.adam(1e-3), marks=pytest.mark.slow)])
 def test_every_regularizer_under_jit_and_vmap_over_four_seeds(base):
     stacked = jax.vmap(lambda k: MODEL.init(k, X)["params"])(jax.random.split(
         jax.random.key(9), 4))

@@ -163,6 +163,7 @@ def test_l2_init_stays_near_the_initialization():
         assert moved[1] < 0.5 * moved[0], (n, moved)
 
 
+@pytest.mark.slow
 def test_shrink_perturb_shrinks_and_perturbs():
     # bp, shrink alone, noise alone (std 0.05 per step: about 0.28 per weight after 32 steps)
     _, state, rows = _run("shrink_perturb", shrink=[0.0, 0.02, 0.0], noise_std=[0.0, 0.0, 0.05])

@@ -228,7 +228,7 @@ def test_unknown_stream_names_the_valid_ones():
 
 
 def test_regression_stream_reports_squared_error():
-    config = tiny_config(tasks_per_chunk=2, measure=True)
+    config = tiny_config(tasks_per_chunk=2)
     config.stream = ml_collections.ConfigDict({
         "name": "slowly_changing_regression", "num_tasks": 2, "flip_after": 20,
         "eval_size": 20, "data_dir": ""})
