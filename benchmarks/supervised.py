@@ -105,7 +105,7 @@ def python_loop(stream: PermutedImages, hidden: tuple[int, ...], steps: int, rep
     opt_state = tx.init(params)
     task = stream.begin_task(jax.random.key(1), jnp.int32(0))
 
-    # Donated, so that the loop updates the weights in place as the scan does (a fresh 11 MB
+    # Donated, so that the loop updates the weights in place as the scan does (a fresh
     # output buffer per step would charge the loop for allocation, not for dispatch).
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, i):
