@@ -107,7 +107,6 @@ def test_predicate_selection_of_kernels_only(mlp_problem):
     assert op.dim == sum(x.size for x in jax.tree.leaves(p.params) if x.ndim == 2)
 
 
-@pytest.mark.slow  # vmapping is also covered by the vmapped SLQ of test_curvature_spectrum
 def test_operators_vmap_over_seeds(mlp_problem):
     p = mlp_problem
     stacked = jax.vmap(lambda k: p.model.init(k, p.inputs)["params"])(

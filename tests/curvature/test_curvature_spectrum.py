@@ -163,6 +163,7 @@ def test_dataset_operator_drives_every_spectral_function(mlp_problem):
     np.testing.assert_allclose(float(top(p.params)[0]), exact.max(), rtol=1e-3)
 
 
+@pytest.mark.slow  # the operators it vmaps are vmapped in test_curvature_operators
 def test_vmapped_over_seeds(mlp_problem):
     p = mlp_problem
     stacked = jax.vmap(lambda k: p.model.init(k, p.inputs)["params"])(

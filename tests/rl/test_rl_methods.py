@@ -95,6 +95,7 @@ def test_l2_er_joint_raises_the_effective_rank():
     _check_erank_rises(rows, 1, 0)
 
 
+@pytest.mark.slow  # CBP itself: tests/methods; in a trainer: tests/train
 def test_cbp_l2_recycles_units_of_both_networks():
     # A replacement rate of 0.005 over 16 hidden units and 28 steps past maturity 4 recycles
     # a few units (at 0.05 nearly every unit is redrawn, which undoes L2's shrinkage); L2 still
