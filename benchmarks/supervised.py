@@ -67,10 +67,11 @@ def _config(steps: int, hidden: tuple[int, ...]):
 
 
 def _best_time(fn, repeats: int) -> float:
+    """Shortest of ``repeats`` timings of ``fn()``, each up to its result being ready."""
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -82,13 +83,13 @@ def scan_and_vmap(stream: PermutedImages, hidden: tuple[int, ...], steps: int, r
     init, run_chunk = jax.jit(trainer.init), jax.jit(trainer.run_chunk)
     state = init(jax.random.key(0), {})
     jax.block_until_ready(run_chunk(state, {}))
-    one = _best_time(lambda: jax.block_until_ready(run_chunk(state, {})), repeats)
+    one = _best_time(lambda: run_chunk(state, {}), repeats)
 
     keys = jax.vmap(jax.random.key)(jnp.arange(seeds, dtype=jnp.uint32))
     states = jax.jit(jax.vmap(trainer.init))(keys, {})
     run_many = jax.jit(jax.vmap(trainer.run_chunk))
     jax.block_until_ready(run_many(states, {}))
-    vmapped = _best_time(lambda: jax.block_until_ready(run_many(states, {})), repeats)
+    vmapped = _best_time(lambda: run_many(states, {}), repeats)
     singles = [init(k, {}) for k in keys]
     serial = _best_time(lambda: [jax.block_until_ready(run_chunk(s, {})) for s in singles],
                         repeats)
@@ -137,8 +138,7 @@ def memory_bandwidth(num_floats: int, repeats: int) -> float:
     run = jax.jit(lambda w, n: jax.lax.fori_loop(0, n, lambda _, w: 0.999 * w + 1e-3, w))
     w, n = jnp.zeros(num_floats, jnp.float32), jnp.int32(passes)
     jax.block_until_ready(run(w, n))
-    return 2 * 4 * num_floats * passes / _best_time(
-        lambda: jax.block_until_ready(run(w, n)), repeats)
+    return 2 * 4 * num_floats * passes / _best_time(lambda: run(w, n), repeats)
 
 
 def torch_loop(data: ImageDataset, hidden: tuple[int, ...], steps: int, repeats: int

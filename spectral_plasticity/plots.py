@@ -117,27 +117,22 @@ def _label(method: str, suffix: str) -> str:
 def _palette(n: int) -> list:
     """``n`` distinct colours: tab10's up to 10 curves, tab20's up to 20, then a continuous map
     (matplotlib's default cycle repeats after 10, and sweeps compare 11 methods)."""
-    name = "tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"
-    cmap = plt.get_cmap(name)
-    return [cmap(i) for i in range(n)] if n <= 20 else [cmap(i / (n - 1)) for i in range(n)]
+    if n <= 20:
+        return list(plt.get_cmap("tab10" if n <= 10 else "tab20").colors[:n])
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
 
 
 def _plot_over_rows(ax, tables, metric, columns) -> bool:
-    drawn = False
-    curves = sum(1 for table in tables.values() if metric in table
-                 for _ in _curves(table, metric, columns))
-    ax.set_prop_cycle(color=_palette(max(curves, 1)))
-    for method, table in tables.items():
-        if metric not in table:
-            continue
-        for suffix, rows, matrix in _curves(table, metric, columns):
-            keep = np.isfinite(matrix).any(axis=0)
-            mean, low, high = confidence_band(matrix[:, keep])
-            line = ax.plot(rows[keep], mean, label=_label(method, suffix))[0]
-            ax.fill_between(rows[keep], low, high, color=line.get_color(), alpha=0.2)
-            drawn = True
+    curves = [(method, suffix, rows, matrix) for method, table in tables.items()
+              if metric in table for suffix, rows, matrix in _curves(table, metric, columns)]
+    ax.set_prop_cycle(color=_palette(max(len(curves), 1)))
+    for method, suffix, rows, matrix in curves:
+        keep = np.isfinite(matrix).any(axis=0)
+        mean, low, high = confidence_band(matrix[:, keep])
+        line = ax.plot(rows[keep], mean, label=_label(method, suffix))[0]
+        ax.fill_between(rows[keep], low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(columns.row)
-    return drawn
+    return bool(curves)
 
 
 def _save(fig, path: Path) -> Path:
