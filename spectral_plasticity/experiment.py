@@ -7,6 +7,8 @@ An experiment is a Python file ``experiments/<name>.py`` whose ``get_config(scal
 - ``methods``: the plasticity methods to compare (names of ``train.method_registry``);
 - ``seeds``: how many seeds per method and hyperparameter setting (vmapped);
 - ``sweep``: hyperparameter lists vmapped together with the seeds (may be empty);
+- ``method_settings`` (shared) and ``method_settings_by_method`` (one method's own values
+  over the shared ones, e.g. ``{"l2_er": {"l2": 1e-3, "erank_learning_rate": 1e-2}}``);
 
 and every field the trainer reads. ``train_and_evaluate(config, workdir)`` runs each method as
 one sweep in ``workdir/<method>``, resuming whatever was already done there.
@@ -119,6 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
     methods = list(methods or config.methods)
     method_registry.check_methods(methods)
+    by_method = config.get("method_settings_by_method", None) or {}
+    method_registry.check_settings_by_method(
+        {m: dict(v or {}) for m, v in dict(by_method).items()}, list(config.methods))
     seeds = list(range(config.seeds))
     grid = hparam_grid(dict(config.sweep)) if config.sweep else [{}]
     run_dirs = {}

@@ -91,3 +91,12 @@ def test_every_shipped_experiment_config_loads_and_names_known_methods(scale):
         assert config.trainer in experiment.TRAINERS, name
         method_registry.check_methods(list(config.methods))
         assert config.seeds >= 1
+
+
+def test_per_method_settings_for_a_method_not_run_are_refused_before_anything_runs(tmp_path):
+    config = experiment.load_config("permuted_fashion_mnist", "small")
+    config.methods = ("bp", "l2")
+    config.method_settings_by_method = ml_collections.ConfigDict({"l2_er": {"l2": 1e-3}})
+    with pytest.raises(ValueError, match=r"names methods \['l2_er'\] that this experiment"):
+        experiment.train_and_evaluate(config, tmp_path)
+    assert list(tmp_path.iterdir()) == []

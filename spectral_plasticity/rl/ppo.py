@@ -190,6 +190,8 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
     c.feature_samples = 2048
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
     c.method_settings.l2 = 1e-3  # Dohare et al.'s PPO+L2 weight decay
+    # Settings of one method over method_settings, e.g. {"l2_er": {"l2": 1e-3}}.
+    c.method_settings_by_method = ml_collections.ConfigDict()
     c.plots = ml_collections.ConfigDict({
         "performance": "episode_return", "performance_label": "online episodic return",
         "row": "phase"})
@@ -289,7 +291,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     if config.method not in PPO_METHODS:
         raise ValueError(f"method {config.method!r} is not supported by the PPO trainer; "
                          f"choose one of {list(PPO_METHODS)}")
-    plan = method_registry.method_plan(config.method, dict(config.method_settings))
+    plan = method_registry.method_plan(config.method, method_registry.config_settings(config))
     updates_per_phase = _check_config(config)
     env = _make_env(config)
     p = config.ppo

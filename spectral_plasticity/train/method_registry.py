@@ -80,6 +80,27 @@ class MethodPlan(NamedTuple):
     settings: dict[str, Any]
 
 
+def config_settings(config: Any) -> dict[str, Any]:
+    """The settings of ``config.method``: ``config.method_settings`` (shared by every method)
+    overridden by ``config.method_settings_by_method[config.method]`` (this method's own)."""
+    own = config.get("method_settings_by_method", None) or {}
+    return {**dict(config.method_settings), **dict(own.get(config.method, None) or {})}
+
+
+def check_settings_by_method(by_method: Mapping[str, Mapping[str, Any]],
+                             methods: Sequence[str]) -> None:
+    """Refuses per-method settings of a method not in ``methods`` or of an unknown setting."""
+    stray = sorted(set(by_method) - set(methods))
+    if stray:
+        raise ValueError(f"method_settings_by_method names methods {stray} that this experiment "
+                         f"does not run; its methods: {list(methods)}")
+    for method, settings in by_method.items():
+        unknown = sorted(set(settings or {}) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"method_settings_by_method.{method}: unknown settings {unknown}; "
+                             f"valid: {sorted(DEFAULTS)}")
+
+
 def check_methods(names: Sequence[str]) -> None:
     """Raises a ValueError naming any unknown method and listing the valid ones."""
     unknown = [n for n in names if n not in METHODS]

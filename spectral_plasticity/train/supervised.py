@@ -94,6 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
                                         "compare_layers": ("all",), "num_iters": 30})
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
+    # Settings of one method over method_settings, e.g. {"l2_er": {"l2": 1e-3}}.
+    c.method_settings_by_method = ml_collections.ConfigDict()
     c.plots = ml_collections.ConfigDict({"performance": "eval_accuracy"})
     return c
 
@@ -158,7 +160,7 @@ def accuracy(outputs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
 def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     """The chunked trainer of ``config`` (see ``default_config`` for the fields)."""
     config = ml_collections.ConfigDict(config)
-    plan = method_registry.method_plan(config.method, dict(config.method_settings))
+    plan = method_registry.method_plan(config.method, method_registry.config_settings(config))
     stream = _stream(config)
     steps = stream.check_batch_size(config.batch_size)
     if config.tasks_per_chunk < 1 or stream.num_tasks % config.tasks_per_chunk:

@@ -115,3 +115,25 @@ def test_every_chain_jits_and_vmaps_over_traced_strengths():
         differs = any(not np.allclose(u[0], u[1]) for u in leaves)
         regularized = name not in ("bp", "er", "cbp", "redo", "reset")
         assert differs == regularized, name
+
+
+def test_config_settings_put_a_methods_own_values_over_the_shared_ones():
+    import ml_collections
+    config = ml_collections.ConfigDict({
+        "method": "l2_er", "method_settings": {"l2": 1e-4, "erank_learning_rate": 1e-3},
+        "method_settings_by_method": {"l2_er": {"l2": 1e-3}, "l2": {"l2": 1e-5}}})
+    assert method_registry.config_settings(config) == {"l2": 1e-3, "erank_learning_rate": 1e-3}
+    config.method = "bp"
+    assert method_registry.config_settings(config) == {"l2": 1e-4, "erank_learning_rate": 1e-3}
+    plan = method_registry.method_plan("l2", method_registry.config_settings(
+        ml_collections.ConfigDict({**config.to_dict(), "method": "l2"})))
+    assert plan.settings["l2"] == 1e-5
+
+
+def test_settings_by_method_refuse_stray_methods_and_unknown_settings():
+    with pytest.raises(ValueError, match=r"names methods \['cbp'\] that this experiment"):
+        method_registry.check_settings_by_method({"cbp": {"replacement_rate": 1e-6}},
+                                                 ["bp", "l2"])
+    with pytest.raises(ValueError, match=r"method_settings_by_method.l2: unknown settings"):
+        method_registry.check_settings_by_method({"l2": {"weight_decay": 1e-6}}, ["bp", "l2"])
+    method_registry.check_settings_by_method({"l2": {"l2": 1e-6}}, ["bp", "l2"])
