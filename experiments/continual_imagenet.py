@@ -36,7 +36,7 @@ def get_config(scale: str = "small"):
         config.stream.update(num_tasks=2000, epochs_per_task=20, num_classes=1000)
         config.tasks_per_chunk = 10
         config.hessian.update(num_iters=100, grid_size=10_000)
-        config.methods = ("bp", "l2", "er", "l2_er", "cbp", "layernorm_l2", "spectral_reg")
+        config.methods = ("bp", "l2", "er", "l2_er", "cbp", "layernorm_l2", "spectral_norm")
         config.seeds = 20
     else:
         config.optimizer.learning_rate = 1e-2

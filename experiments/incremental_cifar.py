@@ -44,7 +44,7 @@ def get_config(scale: str = "small"):
         config.model.stage_channels = (64, 128, 256, 512)
         config.tasks_per_chunk = 1
         config.hessian.update(num_iters=100, grid_size=10_000, examples=500)
-        config.methods = ("bp", "l2", "er", "l2_er", "spectral_reg", "reset")
+        config.methods = ("bp", "l2", "er", "l2_er", "spectral_norm", "reset")
         config.seeds = 5
     else:
         config.tasks_per_chunk = 2

@@ -8,7 +8,7 @@ evaluation and the Hessian. MNIST is downloaded (md5-checked) into the cache on 
 from spectral_plasticity.train.supervised import default_config
 
 ALL_METHODS = ("bp", "l2", "l2_init", "er", "l2_er", "l2_er_joint", "cbp", "redo",
-               "layernorm_l2", "spectral_reg", "parseval", "shrink_perturb", "reset")
+               "layernorm_l2", "spectral_norm", "parseval", "shrink_perturb", "reset")
 
 
 def get_config(scale: str = "small"):

@@ -35,7 +35,7 @@ ALPHA = 0.05
 STRONG_R2 = 0.5
 # In the order they run: the methods of the paper's claims first.
 METHODS = ("bp", "l2_er", "reset", "l2", "er", "layernorm_l2", "cbp", "shrink_perturb",
-           "l2_init", "redo", "spectral_reg")
+           "l2_init", "redo", "spectral_norm")
 
 
 class Study(NamedTuple):
@@ -74,7 +74,7 @@ PAPER_STUDIES = (
     Study("permuted_mnist", METHODS, seeds=5, window=50),
     Study("continual_imagenet", METHODS, seeds=5, window=200),
     Study("incremental_cifar", METHODS, seeds=5, window=4),
-    Study("slippery_ant", ("bp", "l2", "er", "l2_er", "cbp_l2", "layernorm_l2", "spectral_reg",
+    Study("slippery_ant", ("bp", "l2", "er", "l2_er", "cbp_l2", "layernorm_l2", "spectral_norm",
                            "shrink_perturb", "redo"), seeds=5, window=2),
 )
 

@@ -42,6 +42,11 @@ PyTree = Any
 LayerPairs = Sequence[tuple[str, str]]
 
 
+def _known(value: Any) -> bool:
+    """True unless ``value`` is traced (a swept setting): only known values can be checked."""
+    return not isinstance(value, jax.core.Tracer)
+
+
 # ------------------------------------------------------------------------------------------
 # Masks of the weights a unit owns
 
@@ -150,8 +155,9 @@ def cbp_init(params: PyTree, layer_pairs: LayerPairs) -> CBPState:
 
 def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mapping[str, jax.Array],
              fresh_params: PyTree, *,
-             layer_pairs: LayerPairs, replacement_rate: float = 1e-4, decay_rate: float = 0.99,
-             maturity_threshold: int = 100) -> tuple[PyTree, PyTree, CBPState, jax.Array]:
+             layer_pairs: LayerPairs, replacement_rate: float | jax.Array = 1e-4,
+             decay_rate: float | jax.Array = 0.99, maturity_threshold: int | jax.Array = 100,
+             ) -> tuple[PyTree, PyTree, CBPState, jax.Array]:
     """One CBP step after an update: update utilities, recycle the lowest-utility mature units.
 
     Args:
@@ -165,13 +171,14 @@ def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mappi
       replacement_rate: fraction of mature units replaced per step, in [0, 1].
       decay_rate: ``eta`` of the running averages, in [0, 1).
       maturity_threshold: steps a unit must live before it may be replaced.
+      (The three may be traced, e.g. swept under ``vmap``; only known values are checked.)
 
     Returns:
       ``(params, opt_state, state, num_replaced)``.
     """
-    if not 0.0 <= replacement_rate <= 1.0:
+    if _known(replacement_rate) and not 0.0 <= replacement_rate <= 1.0:
         raise ValueError(f"replacement_rate must lie in [0, 1], got {replacement_rate}")
-    if not 0.0 <= decay_rate < 1.0:
+    if _known(decay_rate) and not 0.0 <= decay_rate < 1.0:
         raise ValueError(f"decay_rate must lie in [0, 1), got {decay_rate}")
     new_layers = {}
     total = jnp.zeros((), jnp.int32)
@@ -216,13 +223,14 @@ def cbp_step(params: PyTree, opt_state: PyTree, state: CBPState, features: Mappi
 
 def redo_step(params: PyTree, opt_state: PyTree, features: Mapping[str, jax.Array],
               fresh_params: PyTree, *,
-              layer_pairs: LayerPairs, tau: float = 0.025) -> tuple[PyTree, PyTree, jax.Array]:
+              layer_pairs: LayerPairs, tau: float | jax.Array = 0.025,
+              ) -> tuple[PyTree, PyTree, jax.Array]:
     """Recycles every tau-dormant unit (``s_i <= tau``) of the layers of ``layer_pairs``.
 
     Returns ``(params, opt_state, num_recycled)``. Call it every F steps with the features of a
     batch (Sokar et al. use F = 1000 gradient steps and tau = 0.025 in supervised settings).
     """
-    if tau < 0:
+    if _known(tau) and tau < 0:
         raise ValueError(f"tau must be non-negative, got {tau}")
     total = jnp.zeros((), jnp.int32)
     for layer, next_layer in layer_pairs:

@@ -20,7 +20,7 @@ One PPO update (Schulman et al. 2017):
    minibatch) on both networks, then the method's hooks.
 
 Networks: separate actor and critic MLPs (``policy.make_actor_critic``), each with its own
-optimizer state ``optax.chain(*method.before, adam, *method.after)`` (``train.method_registry``);
+optimizer state ``optax.chain(*before, adam, *after)`` of the method (``methods.method``);
 gradients may first be clipped jointly to ``max_grad_norm``. The methods act on both networks:
 L2, L2-Init, spectral-norm and Parseval regularization and Shrink & Perturb through the chain;
 the joint L2-ER (``l2_er_joint``) gets the features of the minibatch's observations; the
@@ -61,7 +61,7 @@ import optax
 
 from spectral_plasticity import metrics
 from spectral_plasticity.curvature import epsilon_rank, spectral_density
-from spectral_plasticity.methods import cbp_init, cbp_step, erank_ascent, redo_step, reset_all
+from spectral_plasticity.methods.method import StepInputs
 from spectral_plasticity.models import unit_layers
 from spectral_plasticity.rl import envs as envs_lib
 from spectral_plasticity.rl import losses, policy
@@ -70,11 +70,9 @@ from spectral_plasticity.train.sweep import ChunkedTrainer
 
 PyTree = Any
 NETWORKS = ("actor", "critic")
-# The plasticity methods (``train.method_registry``) this trainer runs, and the issue's list
-# compared at the paper scale (Slippery Ant; Dohare et al. 2024, He et al. 2025).
-PPO_METHODS = ("bp", "l2", "l2_init", "er", "l2_er", "l2_er_joint", "cbp", "cbp_l2", "redo",
-               "layernorm_l2", "spectral_reg", "parseval", "shrink_perturb", "reset")
-PAPER_METHODS = ("bp", "l2", "er", "l2_er", "cbp_l2", "layernorm_l2", "spectral_reg", "redo",
+# The methods compared at the paper scale (Slippery Ant; Dohare et al. 2024, He et al. 2025).
+# Which methods run on this trainer at all, each method declares (``Method.trainers``).
+PAPER_METHODS = ("bp", "l2", "er", "l2_er", "cbp_l2", "layernorm_l2", "spectral_norm", "redo",
                  "shrink_perturb")
 # Metrics whose non-finite value means a run diverged; a NaN return (no episode finished in
 # the phase) does not.
@@ -288,10 +286,7 @@ def ppo_loss(nets: policy.ActorCritic, params: PyTree, batch: Batch, *, clip_eps
 def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     """The chunked continual-PPO trainer of ``config`` (fields: see ``default_config``)."""
     config = ml_collections.ConfigDict(config)
-    if config.method not in PPO_METHODS:
-        raise ValueError(f"method {config.method!r} is not supported by the PPO trainer; "
-                         f"choose one of {list(PPO_METHODS)}")
-    plan = method_registry.method_plan(config.method, method_registry.config_settings(config))
+    method, settings = method_registry.for_config(config, "ppo")
     updates_per_phase = _check_config(config)
     env = _make_env(config)
     p = config.ppo
@@ -305,44 +300,32 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     nets = policy.make_actor_critic(
         env.observation_size, env.action_size, env.discrete,
         hidden_sizes=tuple(m.hidden_sizes), activation=m.activation,
-        kernel_init=m.kernel_init, layer_norm=plan.layer_norm, log_std_init=m.log_std_init,
+        kernel_init=m.kernel_init, layer_norm=method.layer_norm, log_std_init=m.log_std_init,
         actor_head_scale=m.actor_head_scale)
     pairs = {"actor": unit_layers(nets.actor), "critic": unit_layers(nets.critic)}
     apply = {"actor": lambda prm, x: policy.actor_apply(nets, prm, x),
              "critic": lambda prm, x: policy.critic_apply(nets, prm, x)}
-    hparam_names = {"learning_rate", *method_registry.DEFAULTS}
     loss_fn = lambda params, batch: ppo_loss(
         nets, params, batch, clip_eps=p.clip_eps, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
         normalize_advantages=p.normalize_advantages)
 
-    def check_hparams(hparams: Mapping[str, jax.Array]) -> None:
-        unknown = sorted(set(hparams) - hparam_names)
-        if unknown:
-            raise ValueError(f"unknown hyperparameters {unknown}; PPO sweeps "
-                             f"{sorted(hparam_names)}")
-
     def optimizer(hparams: Mapping[str, jax.Array]) -> optax.GradientTransformation:
-        return method_registry.swept_optimizer(config.method, plan.settings,
-                                               dict(config.optimizer), hparams)
-
-    def setting(hparams: Mapping[str, jax.Array], name: str) -> Any:
-        return hparams.get(name, plan.settings[name])
+        return method_registry.optimizer(method, settings, dict(config.optimizer), hparams)
 
     def reset_envs(key: jax.Array, dynamics: PyTree) -> tuple[envs_lib.EnvState, jax.Array]:
         return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), dynamics)
 
     def init(key: jax.Array, hparams: Mapping[str, jax.Array]) -> RunnerState:
-        check_hparams(hparams)
+        method_registry.check_sweep(method, list(hparams))
         schedule = env.sample_dynamics(jax.random.fold_in(key, 0), int(config.num_phases))
         params = policy.init_params(nets, jax.random.fold_in(key, 1))
         tx = optimizer(hparams)
         env_state, obs = reset_envs(jax.random.fold_in(key, 2),
                                     envs_lib.phase_dynamics(schedule, 0))
-        method_state = ({n: cbp_init(params[n], pairs[n]) for n in NETWORKS}
-                        if plan.recycling == "cbp" else {})
         return RunnerState(
             params=params, opt_state={n: tx.init(params[n]) for n in NETWORKS},
-            method_state=method_state, env_state=env_state, obs=obs.astype(jnp.float32),
+            method_state={n: method.init_state(params[n], pairs[n]) for n in NETWORKS},
+            env_state=env_state, obs=obs.astype(jnp.float32),
             episode_return=jnp.zeros((num_envs,), jnp.float32), schedule=schedule, key=key,
             phase=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
 
@@ -384,7 +367,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return Batch(flat(trajectory.obs), flat(trajectory.actions), flat(trajectory.log_probs),
                      flat(advantages), flat(returns))
 
-    def method_step(name, tx, hparams, params, opt_state, method_state, grads, features, obs,
+    def method_step(name, tx, values, params, opt_state, method_state, grads, features, obs,
                     phase_step, key):
         """One optimizer step of network ``name`` and the method's hooks.
 
@@ -397,33 +380,13 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
                                        key=noise_key)
         params = optax.apply_updates(params, updates)
-        recycled = jnp.zeros((), jnp.int32)
-        fresh = lambda: policy.init_params(nets, fresh_key)[name]
-        if plan.erank_ascent:
-            every = int(plan.settings["erank_every"])
-            params = jax.lax.cond(
-                phase_step % every == every - 1,
-                lambda prm: erank_ascent(prm, features_fn, layers=plan.settings["erank_layers"],
-                                         learning_rate=setting(hparams, "erank_learning_rate")),
-                lambda prm: prm, params)
-        if plan.recycling == "cbp":
-            params, opt_state, method_state, recycled = cbp_step(
-                params, opt_state, method_state, features, fresh(),
-                layer_pairs=pairs[name],
-                replacement_rate=float(plan.settings["replacement_rate"]),
-                decay_rate=float(plan.settings["cbp_decay"]),
-                maturity_threshold=int(plan.settings["maturity_threshold"]))
-        if plan.recycling == "redo":
-            every = int(plan.settings["redo_every"])
-            params, opt_state, recycled = jax.lax.cond(
-                phase_step % every == every - 1,
-                lambda po: redo_step(po[0], po[1], features, fresh(),
-                                     layer_pairs=pairs[name],
-                                     tau=float(plan.settings["redo_tau"])),
-                lambda po: (*po, jnp.zeros((), jnp.int32)), (params, opt_state))
-        return params, opt_state, method_state, recycled
+        return method.after_update(values, params, opt_state, method_state, StepInputs(
+            step=phase_step, features=features, features_fn=features_fn,
+            scoring_features=lambda prm: features,  # the minibatch's, before the update
+            fresh_params=lambda: policy.init_params(nets, fresh_key)[name],
+            layer_pairs=pairs[name]))
 
-    def learn(tx, hparams, carry, batch: Batch, key: jax.Array, update_index: jax.Array):
+    def learn(tx, values, carry, batch: Batch, key: jax.Array, update_index: jax.Array):
         """``update_epochs`` passes of minibatch steps over ``batch`` (update ``update_index``
         of the phase)."""
 
@@ -440,14 +403,13 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             new, recycled = {}, jnp.zeros((), jnp.int32)
             for i, name in enumerate(NETWORKS):
                 new[name] = method_step(
-                    name, tx, hparams, params[name], opt_state[name],
-                    method_state.get(name), grads[name], features[name], minibatch.obs,
-                    phase_step, jax.random.fold_in(step_key, i))
+                    name, tx, values, params[name], opt_state[name], method_state[name],
+                    grads[name], features[name], minibatch.obs, phase_step,
+                    jax.random.fold_in(step_key, i))
                 recycled = recycled + new[name][3]
             params = {n: new[n][0] for n in NETWORKS}
             opt_state = {n: new[n][1] for n in NETWORKS}
-            if method_state:
-                method_state = {n: new[n][2] for n in NETWORKS}
+            method_state = {n: new[n][2] for n in NETWORKS}
             return (params, opt_state, method_state, step + 1), {**info, "recycled": recycled}
 
         def epoch(carry, xs):
@@ -486,15 +448,16 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
 
     def run_phase(state: RunnerState, hparams: Mapping[str, jax.Array]):
         tx = optimizer(hparams)
+        values = method.values(settings, hparams)
         dynamics = envs_lib.phase_dynamics(state.schedule, state.phase)
         train_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.phase)
         measure_key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.phase)
         params, opt_state = state.params, state.opt_state
-        if plan.reset_every_task:
-            fresh = policy.init_params(nets, jax.random.fold_in(train_key, 0))
-            reset = {n: reset_all(fresh[n], tx) for n in NETWORKS}
-            params = {n: reset[n][0] for n in NETWORKS}
-            opt_state = {n: reset[n][1] for n in NETWORKS}
+        fresh = lambda: policy.init_params(nets, jax.random.fold_in(train_key, 0))
+        started = {n: method.at_task_start(params[n], opt_state[n], lambda n=n: fresh()[n], tx)
+                   for n in NETWORKS}
+        params = {n: started[n][0] for n in NETWORKS}
+        opt_state = {n: started[n][1] for n in NETWORKS}
         row: dict[str, jax.Array] = {}
         if config.measure_hessian:
             batch, _, key = measure(params, state.env_state, state.obs, dynamics,
@@ -510,7 +473,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             env_state, obs, episode_return, trajectory, finished = rollout(
                 learner[0]["actor"], env_state, obs, episode_return, dynamics, rollout_key)
             batch = to_batch(learner[0], trajectory)
-            learner, info = learn(tx, hparams, learner, batch, learn_key, u)
+            learner, info = learn(tx, values, learner, batch, learn_key, u)
             info |= {"return_sum": jnp.sum(finished), "episodes": jnp.sum(trajectory.done),
                      "reward_sum": jnp.sum(trajectory.rewards)}
             return (learner, env_state, obs, episode_return), info
@@ -548,7 +511,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return new_state, row
 
     def run_chunk(state: RunnerState, hparams: Mapping[str, jax.Array]):
-        check_hparams(hparams)
+        method_registry.check_sweep(method, list(hparams))
         return jax.lax.scan(lambda s, _: run_phase(s, hparams), state, None,
                             length=int(config.phases_per_chunk))
 

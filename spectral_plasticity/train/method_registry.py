@@ -1,83 +1,28 @@
-"""Plasticity methods by name: what each one adds to a trainer.
+"""Plasticity methods by name, as a trainer asks for them from its config.
 
-A trainer (supervised or PPO) asks ``method_plan(name, settings)`` what to do; the plan says
-which optax transforms go before and after the base optimizer, whether the model uses
-LayerNorm, and which hooks run: unit recycling (CBP every step, ReDo every F steps), the
-alternating effective-rank ascent every N steps, or a full reset at task boundaries.
+The methods themselves, their settings and hooks are ``methods.catalog`` (``METHODS``,
+``SETTINGS``; the interface is ``methods.method.Method``). This module is the trainers' side:
+the method a config names (``for_config``: checked for the trainer, its settings resolved, its
+sweep checked), the base optimizer, and the optimizer chain with the swept values in place.
 
-=====================  ===============================================================
-name                   what it is
-=====================  ===============================================================
-bp                     plain backprop with the base optimizer
-l2                     coupled L2: ``g + l2 * theta``
-l2_init                L2 toward the initial parameters (Kumar et al. 2023)
-er                     effective-rank ascent alone, alternating (every ``erank_every``)
-l2_er                  L2 + alternating ER ascent (the paper's code; He et al. 2025)
-l2_er_joint            L2 + ER in the gradient of every step (``spectral_reg``)
-cbp                    continual backprop (Dohare et al. 2024)
-cbp_l2                 CBP + L2
-redo                   ReDo (Sokar et al. 2023)
-layernorm_l2           LayerNorm before every hidden activation + L2
-spectral_reg           spectral-norm regularization (Lewandowski et al. 2025)
-parseval               Parseval regularization (Chung et al. 2024)
-shrink_perturb         per-step shrink (weight decay) + Gaussian noise (Dohare et al.)
-reset                  re-initialize everything at every task boundary
-=====================  ===============================================================
-
-Strengths come from ``settings`` (a mapping; vmapped hyperparameters override it): ``l2``,
-``erank``, ``erank_learning_rate``, ``l2_init``, ``spectral_reg``, ``parseval``, ``shrink``,
-``noise_std``; hook settings ``erank_every``, ``erank_batch``, ``erank_layers``,
-``replacement_rate``, ``maturity_threshold``, ``cbp_decay``, ``redo_tau``, ``redo_every``.
+Settings come from ``config.method_settings`` (shared by every method) overridden by
+``config.method_settings_by_method[method]``; swept values (``config.sweep``, vmapped by the
+runner) override both. A sweep may vary ``learning_rate`` and the sweepable settings the method
+reads (``sweepable``); any other swept name is refused, as it would have no effect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import optax
 
-from spectral_plasticity.methods import (
-    l2_init,
-    parseval,
-    shrink_perturb,
-    spectral_norm_reg,
-    spectral_reg,
-)
+from spectral_plasticity.methods.catalog import DEFAULTS, SETTINGS
+from spectral_plasticity.methods.catalog import METHODS as CATALOG
+from spectral_plasticity.methods.method import Method
 
-METHODS = ("bp", "l2", "l2_init", "er", "l2_er", "l2_er_joint", "cbp", "cbp_l2", "redo",
-           "layernorm_l2", "spectral_reg", "parseval", "shrink_perturb", "reset")
-
-DEFAULTS: dict[str, Any] = {
-    "l2": 1e-4, "erank": 1e-2, "erank_learning_rate": 1e-3, "erank_every": 100,
-    "erank_batch": 100, "erank_layers": "all", "l2_init": 1e-3, "spectral_reg": 1e-4,
-    "parseval": 1e-3, "shrink": 1e-5, "noise_std": 1e-4, "replacement_rate": 1e-4,
-    "maturity_threshold": 100, "cbp_decay": 0.99, "redo_tau": 0.025, "redo_every": 1000,
-}
-
-
-class MethodPlan(NamedTuple):
-    """What a trainer runs for one method.
-
-    Attributes:
-      before: transforms chained before the base optimizer (they change the gradient).
-      after: transforms chained after it (they are parameter steps).
-      layer_norm: build the model with LayerNorm.
-      recycling: ``"cbp"``, ``"redo"`` or None.
-      erank_ascent: run the alternating ER ascent every ``erank_every`` steps.
-      needs_features_fn: ``update`` needs the ``features_fn`` extra argument.
-      reset_every_task: re-initialize params and optimizer at every task boundary.
-      settings: the resolved settings (defaults overridden by the caller's).
-    """
-
-    before: tuple[optax.GradientTransformation, ...]
-    after: tuple[optax.GradientTransformation, ...]
-    layer_norm: bool
-    recycling: str | None
-    erank_ascent: bool
-    needs_features_fn: bool
-    reset_every_task: bool
-    settings: dict[str, Any]
+METHODS = tuple(CATALOG)
 
 
 def config_settings(config: Any) -> dict[str, Any]:
@@ -108,39 +53,49 @@ def check_methods(names: Sequence[str]) -> None:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
 
 
-def method_plan(name: str, settings: Mapping[str, Any] | None = None) -> MethodPlan:
-    """The plan of method ``name`` with ``settings`` over ``DEFAULTS``."""
+def get(name: str, trainer: str | None = None) -> Method:
+    """The method ``name``; with ``trainer``, refused unless the method runs on it."""
     check_methods([name])
+    method = CATALOG[name]
+    if trainer is not None and trainer not in method.trainers:
+        runs_on = [m for m in METHODS if trainer in CATALOG[m].trainers]
+        raise ValueError(f"method {name!r} does not run on the {trainer} trainer; methods that "
+                         f"do: {runs_on}")
+    return method
+
+
+def resolve_settings(settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``settings`` over ``DEFAULTS``; an unknown setting is refused."""
     unknown = sorted(set(settings or {}) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown method settings {unknown}; valid: {sorted(DEFAULTS)}")
-    s = {**DEFAULTS, **dict(settings or {})}
-    before: list[optax.GradientTransformation] = []
-    after: list[optax.GradientTransformation] = []
-    if name in ("l2", "l2_er", "cbp_l2", "layernorm_l2"):
-        before.append(spectral_reg(l2=s["l2"], erank=0.0))
-    if name == "l2_er_joint":
-        before.append(spectral_reg(l2=s["l2"], erank=s["erank"], layers=s["erank_layers"]))
-    if name == "l2_init":
-        before.append(l2_init(s["l2_init"]))
-    if name == "spectral_reg":
-        before.append(spectral_norm_reg(s["spectral_reg"]))
-    if name == "parseval":
-        before.append(parseval(s["parseval"]))
-    if name == "shrink_perturb":
-        after.append(shrink_perturb(s["shrink"], s["noise_std"]))
-    recycling = {"cbp": "cbp", "cbp_l2": "cbp", "redo": "redo"}.get(name)
-    return MethodPlan(
-        before=tuple(before), after=tuple(after), layer_norm=name == "layernorm_l2",
-        recycling=recycling, erank_ascent=name in ("er", "l2_er"),
-        needs_features_fn=name == "l2_er_joint", reset_every_task=name == "reset",
-        settings=s)
+    return {**DEFAULTS, **dict(settings or {})}
 
 
-def build_optimizer(plan: MethodPlan, base: optax.GradientTransformation
-                    ) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(*plan.before, base, *plan.after)``."""
-    return optax.chain(*plan.before, base, *plan.after)
+def sweepable(method: Method) -> tuple[str, ...]:
+    """What a sweep of ``method`` may vary: ``learning_rate`` and its sweepable settings."""
+    return ("learning_rate", *(s for s in method.settings if SETTINGS[s].sweepable))
+
+
+def check_sweep(method: Method, names: Sequence[str]) -> None:
+    """Refuses swept names that ``method`` does not read (they would change nothing) and
+    structural settings (they fix shapes; set them in the config)."""
+    valid = sweepable(method)
+    refused = sorted(set(names) - set(valid))
+    if refused:
+        static = sorted(n for n in refused if n in method.settings)
+        why = f"; {static} fix array shapes: set them in method_settings" if static else ""
+        raise ValueError(f"cannot sweep {refused} with method {method.name!r}{why}; it sweeps "
+                         f"{list(valid)}")
+
+
+def for_config(config: Any, trainer: str) -> tuple[Method, dict[str, Any]]:
+    """The method of ``config.method`` for ``trainer`` and its resolved settings
+    (``config_settings`` over ``DEFAULTS``), with ``config.sweep`` checked."""
+    method = get(config.method, trainer)
+    settings = resolve_settings(config_settings(config))
+    check_sweep(method, list(config.get("sweep", None) or {}))
+    return method, settings
 
 
 def base_optimizer(name: str, learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
@@ -161,17 +116,17 @@ def base_optimizer(name: str, learning_rate: Any, **kwargs: Any) -> optax.Gradie
     return optax.adam(learning_rate, **kwargs)
 
 
-def swept_optimizer(method: str, settings: Mapping[str, Any], optimizer: Mapping[str, Any],
-                    hparams: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
+def optimizer(method: Method, settings: Mapping[str, Any], optimizer_config: Mapping[str, Any],
+              hparams: Mapping[str, Any]) -> optax.GradientTransformationExtraArgs:
     """The method's optimizer chain with the swept values of ``hparams`` in place.
 
     Args:
-      method: a name of ``METHODS``.
-      settings: the method's settings (``method_plan(...).settings``).
-      optimizer: the config's optimizer fields (``name``, ``learning_rate`` and its options).
-      hparams: swept values (possibly traced): ``learning_rate`` and any method setting.
+      method: the method.
+      settings: its resolved settings (``for_config``).
+      optimizer_config: the config's optimizer fields (``name``, ``learning_rate``, options).
+      hparams: swept values (possibly traced): ``learning_rate`` and method settings.
     """
-    lr = hparams.get("learning_rate", optimizer["learning_rate"])
-    options = {k: v for k, v in optimizer.items() if k not in ("name", "learning_rate")}
-    plan = method_plan(method, {k: hparams.get(k, v) for k, v in settings.items()})
-    return build_optimizer(plan, base_optimizer(optimizer["name"], lr, **options))
+    lr = hparams.get("learning_rate", optimizer_config["learning_rate"])
+    options = {k: v for k, v in optimizer_config.items() if k not in ("name", "learning_rate")}
+    return method.optimizer(method.values(settings, hparams),
+                            base_optimizer(optimizer_config["name"], lr, **options))

@@ -17,7 +17,9 @@ task's initialization (``kfac_erank_a/<layer>_init``, ...): the Kronecker factor
 every layer and their agreement with the exact layer GGN. Rows of unmeasured tasks hold NaN.
 
 Hyperparameters in ``hparams`` (vmapped by the runner) override the config: ``learning_rate``
-and any method setting of ``method_registry.DEFAULTS``.
+and the sweepable settings of the method (``method_registry.sweepable``). The method acts
+through its ``methods.method.Method`` interface: its optimizer chain, its state, its hooks after
+every optimizer step and at every task's start.
 """
 
 from __future__ import annotations
@@ -38,14 +40,8 @@ from spectral_plasticity.curvature import (
     kfac_diagnostics,
     spectral_density,
 )
-from spectral_plasticity.methods import (
-    cbp_init,
-    cbp_step,
-    erank_ascent,
-    redo_step,
-    reset_all,
-    reset_head,
-)
+from spectral_plasticity.methods import reset_head
+from spectral_plasticity.methods.method import StepInputs
 from spectral_plasticity.models import MLP, ConvNet, ResNet18, unit_layers
 from spectral_plasticity.tasks import TaskStream, make_stream
 from spectral_plasticity.train import method_registry
@@ -133,15 +129,6 @@ def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bo
     raise ValueError(f"unknown model kind {m.kind!r}; choose one of {list(MODEL_KINDS)}")
 
 
-def _check_sweep(config: ml_collections.ConfigDict, plan: method_registry.MethodPlan) -> None:
-    """Refuses swept hyperparameters that the trainer would silently ignore."""
-    valid = {"learning_rate", *plan.settings}
-    unknown = sorted(set(config.sweep) - valid)
-    if unknown:
-        raise ValueError(f"cannot sweep {unknown} with method {config.method!r}; sweepable: "
-                         f"{sorted(valid)}")
-
-
 def per_example_loss(kind: str, outputs: jax.Array, targets: jax.Array,
                      mask: jax.Array | None = None) -> jax.Array:
     """Cross-entropy over the valid logits, or squared error; shape ``(batch,)``."""
@@ -160,21 +147,19 @@ def accuracy(outputs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
 def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     """The chunked trainer of ``config`` (see ``default_config`` for the fields)."""
     config = ml_collections.ConfigDict(config)
-    plan = method_registry.method_plan(config.method, method_registry.config_settings(config))
+    method, settings = method_registry.for_config(config, "supervised")
     stream = _stream(config)
     steps = stream.check_batch_size(config.batch_size)
     if config.tasks_per_chunk < 1 or stream.num_tasks % config.tasks_per_chunk:
         raise ValueError(f"tasks_per_chunk {config.tasks_per_chunk} must divide num_tasks "
                          f"{stream.num_tasks}")
-    _check_sweep(config, plan)
-    model = _model(config, stream, plan.layer_norm)
-    pairs = unit_layers(model) if plan.recycling else []
+    model = _model(config, stream, method.layer_norm)
+    pairs = unit_layers(model) if method.recycles else []
     loss_kind = stream.loss
     classification = loss_kind == "cross_entropy"
     hess = config.hessian
     eval_examples = min(hess.examples, stream.eval_size)
-    er_batch = int(plan.settings["erank_batch"]) if (plan.erank_ascent or plan.needs_features_fn
-                                                     or plan.recycling == "redo") else 0
+    er_batch = int(settings["erank_batch"]) if method.feature_batch else 0
     dummy = jnp.zeros((1, *stream.input_shape), jnp.float32)
 
     train_kwargs = {"train": True} if isinstance(model, ResNet18) else {}
@@ -197,20 +182,16 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         return model.apply({"params": params, **model_state}, x, mutable=list(model_state),
                            **train_kwargs)
 
-    def setting(hparams, name):
-        return hparams.get(name, plan.settings.get(name))
-
     def optimizer(hparams):
-        return method_registry.swept_optimizer(config.method, plan.settings,
-                                               dict(config.optimizer), hparams)
+        return method_registry.optimizer(method, settings, dict(config.optimizer), hparams)
 
     def init(key, hparams):
+        method_registry.check_sweep(method, list(hparams))
         key, init_key = jax.random.split(key)
         params, model_state = init_variables(init_key)
-        method_state = cbp_init(params, pairs) if plan.recycling == "cbp" else ()
         return RunState(params=params, model_state=model_state,
                         opt_state=optimizer(hparams).init(params),
-                        method_state=method_state,
+                        method_state=method.init_state(params, pairs),
                         erank_buffer=(jnp.zeros((er_batch, *stream.input_shape), jnp.float32)
                                       if er_batch else ()),
                         key=key, task=jnp.zeros((), jnp.int32))
@@ -244,6 +225,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
 
     def run_task(stream: TaskStream, state: RunState, hparams, measure: bool):
         tx = optimizer(hparams)
+        values = method.values(settings, hparams)
         stream_key = jax.random.fold_in(state.key, 0)
         task_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.task)
         task_state = stream.begin_task(stream_key, state.task)
@@ -252,9 +234,10 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         hess_x, hess_y = eval_x[:eval_examples], eval_y[:eval_examples]
         params, model_state, opt_state = state.params, state.model_state, state.opt_state
         k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
-        if plan.reset_every_task:
-            fresh_params, model_state = init_variables(k_reset)
-            params, opt_state = reset_all(fresh_params, tx)
+        params, opt_state = method.at_task_start(params, opt_state,
+                                                 lambda: init_variables(k_reset)[0], tx)
+        if method.reinitializes:  # the model's statistics restart with its parameters
+            model_state = init_variables(k_reset)[1]
         if stream.reset_head:  # zeroed, as Dohare et al.'s continual-ImageNet protocol
             params, opt_state = reset_head(params, opt_state,
                                            jax.tree.map(jnp.zeros_like, params))
@@ -295,30 +278,11 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
                                            key=step_key)
             params = optax.apply_updates(params, updates)
-            if plan.erank_ascent:
-                every = int(plan.settings["erank_every"])
-                params = jax.lax.cond(
-                    i % every == every - 1,
-                    lambda p: erank_ascent(p, features_fn, layers=plan.settings["erank_layers"],
-                                           learning_rate=setting(hparams,
-                                                                 "erank_learning_rate")),
-                    lambda p: p, params)
-            if plan.recycling == "cbp":
-                params, opt_state, method_state, _ = cbp_step(
-                    params, opt_state, method_state, feats, init_params(step_key),
-                    layer_pairs=pairs,
-                    replacement_rate=float(plan.settings["replacement_rate"]),
-                    decay_rate=float(plan.settings["cbp_decay"]),
-                    maturity_threshold=int(plan.settings["maturity_threshold"]))
-            if plan.recycling == "redo":
-                every = int(plan.settings["redo_every"])
-                params, opt_state = jax.lax.cond(
-                    i % every == every - 1,
-                    lambda po: redo_step(po[0], po[1], features_fn(po[0]),
-                                         init_params(step_key),
-                                         layer_pairs=pairs,
-                                         tau=float(plan.settings["redo_tau"]))[:2],
-                    lambda po: po, (params, opt_state))
+            params, opt_state, method_state, _ = method.after_update(
+                values, params, opt_state, method_state,
+                StepInputs(step=i, features=feats, features_fn=features_fn,
+                           scoring_features=features_fn,
+                           fresh_params=lambda: init_params(step_key), layer_pairs=pairs))
             outputs = {"loss": loss}
             if classification:
                 outputs["correct"] = jnp.mean(accuracy(out, y, mask))

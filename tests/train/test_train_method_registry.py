@@ -23,11 +23,16 @@ LR = 0.1
 MOVED = jax.tree.map(lambda p: p + 0.1, PARAMS)
 
 
+def _optimizer(name, settings):
+    method = method_registry.get(name)
+    return method.optimizer(method.values(method_registry.resolve_settings(settings), {}),
+                            optax.sgd(LR))
+
+
 def _update(name, settings, params=PARAMS, init_params=PARAMS):
-    plan = method_registry.method_plan(name, settings)
-    tx = method_registry.build_optimizer(plan, optax.sgd(LR))
+    tx = _optimizer(name, settings)
     updates, _ = tx.update(GRADS, tx.init(init_params), params, key=jax.random.key(1))
-    return plan, updates
+    return method_registry.get(name), updates
 
 
 def _assert_tree_close(a, b):
@@ -38,7 +43,7 @@ def test_unknown_method_and_setting_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown methods \['l3'\]; choose from \['bp'"):
         method_registry.check_methods(["bp", "l3"])
     with pytest.raises(ValueError, match=r"unknown method settings \['l2_strength'\]"):
-        method_registry.method_plan("l2", {"l2_strength": 1.0})
+        method_registry.resolve_settings({"l2_strength": 1.0})
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         method_registry.base_optimizer("rmsprop", 1e-3)
 
@@ -75,36 +80,45 @@ def test_shrink_perturb_acts_after_the_optimizer():
     assert 0.5 < flat.std() < 1.5 and abs(flat.mean()) < 0.5  # standard normal noise
 
 
-def test_spectral_reg_pulls_the_top_singular_value_toward_one():
-    plan, updates = _update("spectral_reg", {"spectral_reg": 0.1})
+def test_spectral_norm_pulls_the_top_singular_value_toward_one():
+    method, updates = _update("spectral_norm", {"spectral_norm": 0.1})
     u, sigmas, vt = np.linalg.svd(np.asarray(PARAMS["hidden_0"]["kernel"]))
     step = np.asarray(updates["hidden_0"]["kernel"] + LR * GRADS["hidden_0"]["kernel"])
     # d sigma_max along the regularizer's step is u^T step v: toward 1 from either side.
     assert (u[:, 0] @ step @ vt[0]) * (sigmas[0] - 1.0) < 0
-    assert plan.before and not plan.after
+    assert [p.name for p in method.parts if p.before and not p.after] == ["spectral_norm"]
 
 
 @pytest.mark.parametrize(("name", "flags"), [
-    ("cbp", {"recycling": "cbp"}), ("cbp_l2", {"recycling": "cbp"}),
-    ("redo", {"recycling": "redo"}), ("er", {"erank_ascent": True}),
-    ("l2_er", {"erank_ascent": True}), ("l2_er_joint", {"needs_features_fn": True}),
-    ("layernorm_l2", {"layer_norm": True}), ("reset", {"reset_every_task": True}),
+    ("cbp", {"recycles": True}), ("cbp_l2", {"recycles": True}),
+    ("redo", {"recycles": True, "feature_batch": True}),
+    ("er", {"recycles": True, "feature_batch": True}),
+    ("l2_er", {"recycles": True, "feature_batch": True}), ("l2_er_joint", {"feature_batch": True}),
+    ("layernorm_l2", {"layer_norm": True}), ("reset", {"reinitializes": True}),
 ])
 def test_hooks_and_model_changes_are_declared(name, flags):
-    plan = method_registry.method_plan(name)
-    defaults = {"recycling": None, "erank_ascent": False, "needs_features_fn": False,
-                "layer_norm": False, "reset_every_task": False}
-    assert {k: getattr(plan, k) for k in defaults} == {**defaults, **flags}
+    method = method_registry.get(name)
+    defaults = {"recycles": False, "feature_batch": False, "layer_norm": False,
+                "reinitializes": False}
+    assert {k: getattr(method, k) for k in defaults} == {**defaults, **flags}
+
+
+def test_every_setting_is_read_by_a_method_and_sweeps_are_what_it_reads():
+    read = {s for m in method_registry.METHODS for s in method_registry.get(m).settings}
+    assert read == set(method_registry.DEFAULTS)
+    assert method_registry.sweepable(method_registry.get("bp")) == ("learning_rate",)
+    assert method_registry.sweepable(method_registry.get("cbp_l2")) == (
+        "learning_rate", "cbp_decay", "l2", "maturity_threshold", "replacement_rate")
+    assert "erank_batch" not in method_registry.sweepable(method_registry.get("l2_er"))
 
 
 def test_every_chain_jits_and_vmaps_over_traced_strengths():
     strengths = jnp.asarray([0.0, 0.5])
     for name in method_registry.METHODS:
         def one(strength, name=name):
-            settings = {k: strength for k in ("l2", "erank", "l2_init", "spectral_reg",
+            settings = {k: strength for k in ("l2", "erank", "l2_init", "spectral_norm",
                                                "parseval", "shrink")}
-            plan = method_registry.method_plan(name, {**settings, "noise_std": 0.0})
-            tx = method_registry.build_optimizer(plan, optax.sgd(LR))
+            tx = _optimizer(name, {**settings, "noise_std": 0.0})
             features_fn = lambda p: MODEL.apply({"params": p}, jnp.eye(4, 3))[1]
             return tx.update(GRADS, tx.init(PARAMS), MOVED, features_fn=features_fn,
                              key=jax.random.key(2))[0]
@@ -125,9 +139,9 @@ def test_config_settings_put_a_methods_own_values_over_the_shared_ones():
     assert method_registry.config_settings(config) == {"l2": 1e-3, "erank_learning_rate": 1e-3}
     config.method = "bp"
     assert method_registry.config_settings(config) == {"l2": 1e-4, "erank_learning_rate": 1e-3}
-    plan = method_registry.method_plan("l2", method_registry.config_settings(
-        ml_collections.ConfigDict({**config.to_dict(), "method": "l2"})))
-    assert plan.settings["l2"] == 1e-5
+    config.method = "l2"
+    method, settings = method_registry.for_config(config, "supervised")
+    assert method.name == "l2" and settings["l2"] == 1e-5
 
 
 def test_settings_by_method_refuse_stray_methods_and_unknown_settings():

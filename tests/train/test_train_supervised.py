@@ -112,7 +112,7 @@ SETTINGS = {  # strong enough to act within 2 tasks of 10 steps
     "cbp": {"maturity_threshold": 1, "replacement_rate": 0.5},
     "cbp_l2": {"maturity_threshold": 1, "replacement_rate": 0.5, "l2": 0.5},
     "redo": {"redo_every": 5, "redo_tau": 1.0, "erank_batch": 5},
-    "layernorm_l2": {"l2": 0.5}, "spectral_reg": {"spectral_reg": 0.5},
+    "layernorm_l2": {"l2": 0.5}, "spectral_norm": {"spectral_norm": 0.5},
     "parseval": {"parseval": 0.5}, "shrink_perturb": {"shrink": 0.05, "noise_std": 0.05},
 }
 
@@ -245,11 +245,43 @@ def test_regression_stream_reports_squared_error():
                                rtol=1e-5)
 
 
-def test_swept_names_the_trainer_would_ignore_are_refused(tiny_stream):
-    config = tiny_config("l2")
-    config.sweep = ml_collections.ConfigDict({"l2_strenght": [1e-3, 1e-2]})
-    with pytest.raises(ValueError, match=r"cannot sweep \['l2_strenght'\].*sweepable"):
+@pytest.mark.parametrize(("method", "swept", "why"), [
+    ("l2", "l2_strenght", ""), ("l2", "erank_every", ""),  # a setting l2 does not read
+    ("l2_er", "erank_batch", "fix array shapes"), ("bp", "l2", "")])
+def test_swept_names_the_method_does_not_read_are_refused(tiny_stream, method, swept, why):
+    config = tiny_config(method)
+    config.sweep = ml_collections.ConfigDict({swept: [1e-3, 1e-2]})
+    with pytest.raises(ValueError, match=rf"cannot sweep \['{swept}'\] with method "
+                                         rf"'{method}'.*{why}.*it sweeps \['learning_rate'"):
         supervised.make_train(config)
+    trainer = supervised.make_train(tiny_config(method))
+    with pytest.raises(ValueError, match=rf"cannot sweep \['{swept}'\]"):
+        trainer.init(jax.random.key(0), {swept: jnp.float32(1.0)})
+
+
+HOOK_SWEEPS = {  # a method, its settings, and two values of one of its hook settings
+    "l2_er": ({"erank_batch": 5, "erank_learning_rate": 0.3}, "erank_every", (3, 4)),
+    "cbp": ({"maturity_threshold": 1}, "replacement_rate", (0.5, 0.2)),
+    "redo": ({"redo_tau": 1.0, "erank_batch": 5}, "redo_every", (3, 4)),
+}
+
+
+@pytest.mark.parametrize("method", list(HOOK_SWEEPS))
+def test_a_swept_hook_setting_takes_effect(tiny_stream, method):
+    settings, name, (a, b) = HOOK_SWEEPS[method]
+    trainer = supervised.make_train(tiny_config(method, **settings))
+    _, rows = _run(trainer, [0], 1)  # the config's value (the default)
+    hp = {name: jnp.asarray([a, b, a], jnp.float32)}
+    keys = jax.vmap(jax.random.key)(jnp.zeros((3,), jnp.uint32))
+    _, swept = jax.jit(jax.vmap(trainer.run_chunk))(
+        jax.jit(jax.vmap(trainer.init))(keys, hp), hp)
+    loss = np.asarray(swept["eval_loss"])
+    np.testing.assert_array_equal(loss[0], loss[2])  # same value, same seed: same rows
+    assert not np.array_equal(loss[0], loss[1])  # another value: another run
+    assert not np.array_equal(loss[0], np.asarray(rows["eval_loss"][0]))  # not the config's
+    # The swept value acts as the same value set in the config.
+    _, fixed = _run(supervised.make_train(tiny_config(method, **settings, **{name: a})), [0], 1)
+    np.testing.assert_allclose(loss[0], np.asarray(fixed["eval_loss"][0]), rtol=1e-5)
 
 
 def test_a_sweep_with_unmeasured_tasks_is_not_marked_diverged(tiny_stream, tmp_path):
