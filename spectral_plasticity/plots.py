@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from spectral_plasticity import schema
 from spectral_plasticity.train.results import load_arrays
 
 
@@ -40,10 +41,10 @@ class PlotColumns:
 
     performance: str = "eval_accuracy"
     performance_label: str = "held-out accuracy"
-    epsilon_rank: str = "epsilon_rank_init"
+    epsilon_rank: str = schema.at_init("epsilon_rank")
     effective_rank_prefix: str = "effective_rank/"
     dormant_prefix: str = "dormant_fraction/"
-    density: str = "density_init"
+    density: str = schema.at_init("density")
     density_grid: str = "density_grid"
     row: str = "task"
 
@@ -92,20 +93,14 @@ def load_results(workdir: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _setting_columns(table: pd.DataFrame, columns: PlotColumns) -> list[str]:
-    """Swept hyperparameter columns: those between ``seed`` and the row index."""
-    cols = list(table.columns)
-    return cols[cols.index("seed") + 1 : cols.index(columns.row)]
-
-
 def _curves(table: pd.DataFrame, metric: str, columns: PlotColumns):
     """Per swept setting: (label suffix, rows, seeds x rows matrix of ``metric``)."""
-    settings = _setting_columns(table, columns)
+    settings = schema.swept_columns(table.columns)
     groups = table.groupby(settings) if settings else [((), table)]
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         suffix = ", ".join(f"{s}={v:g}" for s, v in zip(settings, key, strict=True))
-        matrix = group.pivot_table(index="seed", columns=columns.row, values=metric,
+        matrix = group.pivot_table(index=schema.SEED, columns=columns.row, values=metric,
                                    dropna=False)
         yield suffix, matrix.columns.to_numpy(), matrix.to_numpy()
 
@@ -217,7 +212,7 @@ def plot_experiment(workdir: str | Path, config: Any = None,
         written.append(_save(fig, out / "features.png"))
     else:
         plt.close(fig)
-    written += plot_kfac_factors(workdir, config, suffix="_init")
+    written += plot_kfac_factors(workdir, config, suffix=schema.INIT)
     return written
 
 

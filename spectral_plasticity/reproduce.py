@@ -27,7 +27,7 @@ import pandas as pd
 from absl import app, flags, logging
 from scipy import stats
 
-from spectral_plasticity import experiment, plots, runtime
+from spectral_plasticity import experiment, plots, runtime, schema
 
 ALPHA = 0.05
 # Claim 2 counts as reproduced when epsilon-rank explains at least this share of the variance
@@ -147,8 +147,7 @@ def load_study(workdir: Path, study: Study, scale: str) -> StudyResults:
         logging.warning("%s: %s has not finished; left out of the tables", study.experiment,
                         method)
     tables = done
-    higher = "loss" not in columns.performance and "error" not in columns.performance
-    return StudyResults(study, tables, columns, higher)
+    return StudyResults(study, tables, columns, schema.higher_is_better(columns.performance))
 
 
 def claim_rows(res: StudyResults) -> list[tuple[str, str, str, str]]:

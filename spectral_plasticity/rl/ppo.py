@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from spectral_plasticity import metrics
+from spectral_plasticity import metrics, schema
 from spectral_plasticity.curvature import epsilon_rank, spectral_density
 from spectral_plasticity.methods.method import StepInputs
 from spectral_plasticity.models import unit_layers
@@ -462,7 +462,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if config.measure_hessian:
             batch, _, key = measure(params, state.env_state, state.obs, dynamics,
                                     jax.random.fold_in(measure_key, 0))
-            row |= {f"{k}_init": v for k, v in curvature(params, batch, key).items()}
+            row |= {schema.at_init(k): v for k, v in curvature(params, batch, key).items()}
             # Measurement before training, as in the supervised trainer (XLA CPU hang).
             row, params, opt_state = jax.lax.optimization_barrier((row, params, opt_state))
 
@@ -504,8 +504,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             **feature_metrics,
         }
         if config.measure_hessian:
-            row |= {f"{k}_end": v for k, v in curvature(params, batch, key).items()}
-            row["density_grid"] = row.pop("density_grid_init")
+            row |= {schema.at_end(k): v for k, v in curvature(params, batch, key).items()}
+            row["density_grid"] = row.pop(schema.at_init("density_grid"))
         new_state = RunnerState(params, opt_state, method_state, env_state, obs, episode_return,
                                 state.schedule, state.key, state.phase + 1, step)
         return new_state, row

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from spectral_plasticity import metrics
+from spectral_plasticity import metrics, schema
 from spectral_plasticity.curvature import (
     dataset_operator,
     epsilon_rank,
@@ -306,10 +306,10 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if measure:
             at_end, params, opt_state = jax.lax.optimization_barrier((at_end, params, opt_state))
         kfac_row = at_init.pop("kfac", {})
-        row |= {f"{k}_init": v for k, v in at_init.items()}
-        row |= {f"{k}_end": v for k, v in at_end.items()}
-        row["density_grid"] = row.pop("density_grid_init")
-        row |= {f"{k}_init": v for k, v in kfac_row.items()}
+        row |= {schema.at_init(k): v for k, v in at_init.items()}
+        row |= {schema.at_end(k): v for k, v in at_end.items()}
+        row["density_grid"] = row.pop(schema.at_init("density_grid"))
+        row |= {schema.at_init(k): v for k, v in kfac_row.items()}
         new_state = RunState(params, model_state, opt_state, method_state, buffer, state.key,
                              state.task + 1)
         return new_state, row

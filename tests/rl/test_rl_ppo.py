@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spectral_plasticity import schema
 from spectral_plasticity.rl import envs, ppo
 
 
@@ -110,6 +111,8 @@ def test_rows_hold_the_phase_metrics(measured_chunks):
     assert int(rows["recycled_units"].sum()) > 0  # CBP recycled units of the networks
     assert {"weight_norm/actor", "weight_norm/critic", "dormant_fraction/critic/hidden_0",
             "episodes", "reward_per_step", "clip_fraction"} <= set(rows)
+    for name in rows:  # every column is in the result schema, with its direction
+        schema.metric(name)
     # a NaN return (no finished episode) is no divergence; a NaN loss or weight norm is
     assert set(trainer.divergence_keys) <= set(rows)
     assert "episode_return" not in trainer.divergence_keys

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from spectral_plasticity import schema
 from spectral_plasticity.tasks import PermutedImages
 from spectral_plasticity.tasks.idx import ImageDataset
 from spectral_plasticity.train import method_registry, run_sweep, supervised
@@ -331,3 +332,5 @@ def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
     for name in ("kfac_erank_a/hidden_0", "kfac_erank_g/head", "kfac_eps_rank/hidden_0"):
         np.testing.assert_allclose(rows[f"{name}_init"][0], direct[name], rtol=1e-4)
         assert np.isnan(rows[f"{name}_init"][1])  # task 1 is not measured
+    for name in rows:  # every column is in the result schema, with its direction
+        schema.metric(name)
