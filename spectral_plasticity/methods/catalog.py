@@ -119,9 +119,9 @@ LAYER_NORM = Part("layer_norm", layer_norm=True)
 ER_ASCENT = Part("er_ascent", ("erank_every", "erank_layers", "erank_learning_rate",
                                "erank_batch"), after_update=_er_ascent, feature_batch=True)
 CBP = Part("cbp", ("replacement_rate", "maturity_threshold", "cbp_decay"),
-           init_state=cbp_init, after_update=_cbp)
+           init_state=cbp_init, after_update=_cbp, recycles=True)
 REDO = Part("redo", ("redo_tau", "redo_every", "erank_batch"), after_update=_redo,
-            feature_batch=True)
+            recycles=True, feature_batch=True)
 RESET = Part("reset", at_task_start=lambda params, opt_state, fresh, tx: reset_all(fresh(), tx),
              reinitializes=True)
 

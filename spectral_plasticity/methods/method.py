@@ -94,6 +94,7 @@ class Part:
       init_state: ``(params, layer_pairs) -> state``.
       after_update, at_task_start: hooks.
       layer_norm: the model gets LayerNorm before every hidden activation.
+      recycles: re-initializes hidden units (its hooks read ``StepInputs.layer_pairs``).
       feature_batch: reads features of a batch of recent examples (``features_fn``).
       reinitializes: re-initializes the whole network (and the model's statistics) at tasks.
     """
@@ -106,6 +107,7 @@ class Part:
     after_update: AfterUpdate | None = None
     at_task_start: AtTaskStart | None = None
     layer_norm: bool = False
+    recycles: bool = False
     feature_batch: bool = False
     reinitializes: bool = False
 
@@ -130,9 +132,8 @@ class Method:
 
     @property
     def recycles(self) -> bool:
-        """True when a hook needs the network's ``layer_pairs``."""
-        return any(part.init_state is not None or part.after_update is not None
-                   for part in self.parts)
+        """True when a hook re-initializes units (and needs the network's ``layer_pairs``)."""
+        return any(part.recycles for part in self.parts)
 
     @property
     def feature_batch(self) -> bool:

@@ -106,22 +106,32 @@ def test_cbp_l2_recycles_units_of_both_networks():
     _, state, rows = _run("cbp_l2", {"replacement_rate": 0.005}, l2=[0.0, 10.0])
     assert np.all(rows["recycled_units"].sum(-1) > 0)
     for n in NETWORKS:  # CBP's per-unit ages: some reset to 0 by a replacement, some matured
-        ages = np.asarray(state.method_state[n].layers["hidden_0"].age)
+        ages = np.asarray(state.method_state[n]["cbp"].layers["hidden_0"].age)
         assert np.all(ages.max(-1) == 32) and np.all(ages.min(-1) < 32), (n, ages)
     _check_l2_lowers_the_weight_norm(rows, 1, 0)
 
 
-@pytest.mark.slow
-def test_cbp_recycles_units():
-    _, _, rows = _run("cbp")
-    assert rows["recycled_units"].sum() > 0
+def _check_same_value_same_rows_other_value_other_rows(rows):
+    """Runs 0 and 2 (one seed, one swept value) agree; run 1 (another value) does not."""
+    for name in ("recycled_units", "value_loss", "weight_norm"):
+        np.testing.assert_array_equal(rows[name][0], rows[name][2])
+    assert not np.array_equal(rows["weight_norm"][0], rows["weight_norm"][1])
 
 
 @pytest.mark.slow
-def test_redo_recycles_dormant_units():
+def test_cbp_recycles_units_at_the_swept_rate():
+    _, _, rows = _run("cbp", replacement_rate=[0.05, 0.01, 0.05])
+    recycled = rows["recycled_units"].sum(-1)
+    assert recycled[0] > recycled[1] > 0
+    _check_same_value_same_rows_other_value_other_rows(rows)
+
+
+@pytest.mark.slow
+def test_redo_recycles_dormant_units_at_the_swept_period():
     # tau = 0.5: a unit whose mean activity is under half the layer's mean is dormant.
-    _, _, rows = _run("redo", {"redo_tau": 0.5})
-    assert rows["recycled_units"].sum() > 0
+    _, _, rows = _run("redo", {"redo_tau": 0.5}, redo_every=[4, 8, 4])
+    assert np.all(rows["recycled_units"].sum(-1) > 0)
+    _check_same_value_same_rows_other_value_other_rows(rows)
 
 
 @pytest.mark.slow

@@ -92,8 +92,8 @@ def test_spectral_norm_pulls_the_top_singular_value_toward_one():
 @pytest.mark.parametrize(("name", "flags"), [
     ("cbp", {"recycles": True}), ("cbp_l2", {"recycles": True}),
     ("redo", {"recycles": True, "feature_batch": True}),
-    ("er", {"recycles": True, "feature_batch": True}),
-    ("l2_er", {"recycles": True, "feature_batch": True}), ("l2_er_joint", {"feature_batch": True}),
+    ("er", {"feature_batch": True}), ("l2_er", {"feature_batch": True}),
+    ("l2_er_joint", {"feature_batch": True}),
     ("layernorm_l2", {"layer_norm": True}), ("reset", {"reinitializes": True}),
 ])
 def test_hooks_and_model_changes_are_declared(name, flags):
