@@ -77,7 +77,8 @@ def test_every_swept_setting_is_traced_and_takes_effect(name):
     runs = [dict(BASE), dict(BASE)] + [{**BASE, s: OTHER[s]} for s in names]
     swept = {s: jnp.asarray([r[s] for r in runs], jnp.float32) for s in names}
     out = jax.jit(jax.vmap(lambda h: _three_steps(method, settings, h)))(swept)
-    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(out)]
+    leaves = [np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key) else leaf) for leaf in jax.tree.leaves(out)]
     run = lambda i: [leaf[i] for leaf in leaves]
     assert all(np.array_equal(a, b) for a, b in zip(run(0), run(1), strict=True))
     for i, s in enumerate(names, start=2):
