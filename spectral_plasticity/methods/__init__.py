@@ -1,4 +1,8 @@
-"""What the paper prescribes, and its rivals: regularizers (optax), unit recycling, resets."""
+"""What the paper prescribes, and its rivals: regularizers (optax), unit recycling, resets.
+
+Each named method (``catalog.METHODS``) is a ``Method`` of these pieces, which the trainers
+drive through one interface (``method.Method``).
+"""
 
 from spectral_plasticity.methods.effective_rank import (
     erank_ascent,
@@ -7,6 +11,7 @@ from spectral_plasticity.methods.effective_rank import (
     mean_effective_rank,
     select_layers,
 )
+from spectral_plasticity.methods.method import Method, StepInputs
 from spectral_plasticity.methods.recycling import (
     CBPState,
     cbp_init,
@@ -26,6 +31,8 @@ from spectral_plasticity.methods.resets import reset_all, reset_head
 
 __all__ = [
     "CBPState",
+    "Method",
+    "StepInputs",
     "cbp_init",
     "cbp_step",
     "erank_ascent",
