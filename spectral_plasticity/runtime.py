@@ -1,16 +1,23 @@
-"""Process-wide JAX settings applied by our entry points (the CLI, ``make reproduce``, tests).
+"""Process-wide settings applied by our entry points (the CLI, ``make reproduce``, tests).
 
-With jax 0.10.2 on CPU, a vmapped chunk of the supervised trainer with the new-task Hessian
-(Lanczos loops inside the chunk) often never finished here: the host waited on the result while
-every XLA worker thread slept, using no CPU. It happened with and without asynchronous dispatch,
-XLA's multi-threaded Eigen pool, single-threaded OpenBLAS and the legacy CPU runtime flag, and
-only partly with XLA's concurrency-optimized thunk scheduler turned off. What ended it is an
-``optimization_barrier`` in the trainer that orders the measurement before and after the
-training loop (so the runtime never runs the Lanczos loops concurrently with it): three runs
-of the chunk that had hung every time then finished. We keep the scheduler flag off and run CPU
-computations without async dispatch as well (cf. jax-ml/jax#25861, openxla/xla#33048 on loops
-under the CPU runtime). Both settings concern the CPU backend only; a user's own choice (in
-``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
+**The XLA CPU stall, and its cause.** With jax 0.10.2 on CPU, chunks that measure the new-task
+Hessian or the KFAC diagnostics under ``vmap`` stopped for good: the host waited on the result
+and the process used (almost) no CPU. ``gdb`` on a stalled chunk shows why: a batched LAPACK
+call (``jnp.linalg.svd``/``eigh`` under ``vmap``) runs its batch items concurrently on XLA's
+intra-op thread pool (jaxlib's ``ParallelBatchMap``), and every item calls scipy's OpenBLAS
+(jaxlib's CPU LAPACK), which is itself multi-threaded: one XLA worker sat in OpenBLAS'
+``exec_blas_async_wait`` for work that OpenBLAS' own server threads never picked up, while the
+other worker waited on the batch. OpenBLAS' pthreads build is documented not to be used
+multi-threaded from several threads at once ("If your application is already multi-threaded,
+it will conflict with OpenBLAS multi-threading", OpenBLAS FAQ); nested in XLA's pool it
+oversubscribes the cores and can deadlock. ``benchmarks/stress_stall.py --lapack`` reproduces
+it in a few lines (a vmapped ``svd`` in a loop). XLA already parallelizes across batch items,
+so we run OpenBLAS single-threaded (``threadpoolctl``), which ends it: see
+docs/RELIABILITY.md for the stress runs. Earlier mitigations (XLA's concurrency-optimized
+scheduler off, CPU computations without asynchronous dispatch) only made the overlap rarer;
+they are kept as they cost nothing measurable here. Everything concerns the CPU backend only;
+a user's own choice (``OPENBLAS_NUM_THREADS``, ``XLA_FLAGS``, ``JAX_CPU_ENABLE_ASYNC_DISPATCH``)
+wins. ``train.watchdog`` stays as the net.
 """
 
 from __future__ import annotations
@@ -22,6 +29,14 @@ import jax
 CPU_XLA_FLAGS = {"xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
+def single_threaded_blas() -> None:
+    """Limits the BLAS that jax's CPU LAPACK kernels call (scipy's OpenBLAS) to one thread."""
+    import scipy.linalg  # noqa: F401  loads scipy's OpenBLAS, which jaxlib's LAPACK calls
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 def configure_runtime() -> None:
     """Applies the settings above; call it before the first computation."""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -30,3 +45,5 @@ def configure_runtime() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        single_threaded_blas()

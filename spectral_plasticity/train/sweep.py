@@ -127,6 +127,17 @@ def _saved_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def check_config(run_dir: str | Path, config: Mapping[str, Any]) -> None:
     """Refuses to resume ``run_dir`` with another config than the one it was run with.
 
@@ -137,7 +148,7 @@ def check_config(run_dir: str | Path, config: Mapping[str, Any]) -> None:
     saved = _saved_summary(run_dir).get("config")
     if saved is None:
         return
-    now = json.loads(json.dumps(dict(config), default=str))
+    saved, now = _flat(saved), _flat(json.loads(json.dumps(dict(config), default=str)))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
