@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from spectral_plasticity.tasks import idx
 from spectral_plasticity.tasks.cifar import find_cifar100, load_cifar100
 from spectral_plasticity.tasks.continual_imagenet import (
     ContinualImageNet,
@@ -14,7 +15,6 @@ from spectral_plasticity.tasks.continual_imagenet import (
 from spectral_plasticity.tasks.idx import (
     DataError,
     ImageDataset,
-    cache_dir,
     find_idx_dataset,
     load_idx_dataset,
     read_idx,
@@ -64,18 +64,21 @@ def make_stream(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Tas
 
 
 def data_source(name: str, data_dir: str | None = None) -> str:
-    """The directory that ``make_stream(name, data_dir=...)`` reads (after it has run: a
-    downloaded data set is then in the cache), or ``"generated"`` for a stream without data."""
+    """The directory that ``make_stream(name, data_dir=...)`` reads (call it after the stream is
+    made: a downloaded data set is then in the cache), or ``"generated"`` for a stream without
+    data. A given ``data_dir`` is the only place a stream reads (or it fails)."""
     if name not in STREAMS:
         raise ValueError(f"unknown stream {name!r}; choose one of {list(STREAMS)}")
     if name == "slowly_changing_regression":
         return "generated"
     if name == "continual_imagenet":
         return str(classes_dir(data_dir))
+    if data_dir is not None:
+        return str(data_dir)
     dataset = name.split("_", 1)[1]
     if dataset == "cifar100":  # relabeled_cifar100, incremental_cifar100
-        return str(find_cifar100(data_dir) or cache_dir() / "cifar100")
-    return str(find_idx_dataset(dataset, data_dir) or cache_dir() / dataset)
+        return str(find_cifar100() or idx.cache_dir() / "cifar100")
+    return str(find_idx_dataset(dataset) or idx.cache_dir() / dataset)
 
 
 __all__ = ["STREAMS", "ContinualImageNet", "DataError", "ImageDataset", "IncrementalCIFAR",
