@@ -1,23 +1,24 @@
 """Process-wide settings applied by our entry points (the CLI, ``make reproduce``, tests).
 
-**The XLA CPU stall, and its cause.** With jax 0.10.2 on CPU, chunks that measure the new-task
-Hessian or the KFAC diagnostics under ``vmap`` stopped for good: the host waited on the result
-and the process used (almost) no CPU. ``gdb`` on a stalled chunk shows why: a batched LAPACK
-call (``jnp.linalg.svd``/``eigh`` under ``vmap``) runs its batch items concurrently on XLA's
-intra-op thread pool (jaxlib's ``ParallelBatchMap``), and every item calls scipy's OpenBLAS
-(jaxlib's CPU LAPACK), which is itself multi-threaded: one XLA worker sat in OpenBLAS'
-``exec_blas_async_wait`` for work that OpenBLAS' own server threads never picked up, while the
-other worker waited on the batch. OpenBLAS' pthreads build is documented not to be used
-multi-threaded from several threads at once ("If your application is already multi-threaded,
-it will conflict with OpenBLAS multi-threading", OpenBLAS FAQ); nested in XLA's pool it
-oversubscribes the cores and can deadlock. ``benchmarks/stress_stall.py --lapack`` reproduces
-it in a few lines (a vmapped ``svd`` in a loop). XLA already parallelizes across batch items,
-so we run OpenBLAS single-threaded (``threadpoolctl``), which ends it: see
-docs/RELIABILITY.md for the stress runs. Earlier mitigations (XLA's concurrency-optimized
-scheduler off, CPU computations without asynchronous dispatch) only made the overlap rarer;
-they are kept as they cost nothing measurable here. Everything concerns the CPU backend only;
-a user's own choice (``OPENBLAS_NUM_THREADS``, ``XLA_FLAGS``, ``JAX_CPU_ENABLE_ASYNC_DISPATCH``)
-wins. ``train.watchdog`` stays as the net.
+**The XLA CPU stall.** With jax 0.10.2 on CPU, chunks that measure the new-task Hessian or the
+KFAC diagnostics under ``vmap`` sometimes never finished while the process used no CPU. A
+vmapped ``jnp.linalg.eigh``/``svd`` runs through jaxlib's CPU LAPACK kernels, whose
+``ParallelBatchMap`` schedules the batch's matrices on XLA's intra-op thread pool and blocks the
+calling pool thread until they are done. ``gdb`` on stalled chunks showed two ways this hangs
+(docs/RELIABILITY.md):
+
+1. each matrix calls scipy's OpenBLAS, itself multi-threaded, from inside XLA's pool: a pool
+   thread waited in OpenBLAS's ``exec_blas_async_wait`` (``benchmarks/stress_stall.py
+   --lapack`` reproduces it: 50 vmapped svds that did not finish in 90 s take 9 ms each with
+   OpenBLAS single-threaded). ``configure_runtime`` therefore runs OpenBLAS single-threaded
+   (``threadpoolctl``); XLA already runs the matrices of a batch in parallel.
+2. as many concurrent batched LAPACK calls as the pool has threads each block a pool thread on
+   work queued behind them (pool starvation). Not handled here: see docs/RELIABILITY.md.
+
+XLA's concurrency-optimized scheduler off and CPU computations without asynchronous dispatch
+are kept from earlier mitigations (they made the overlap rarer). Everything concerns the CPU
+backend only; a user's own choice (``OPENBLAS_NUM_THREADS``, ``XLA_FLAGS``,
+``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
 """
 
 from __future__ import annotations
