@@ -13,7 +13,8 @@ calling pool thread until they are done. ``gdb`` on stalled chunks showed two wa
    OpenBLAS single-threaded). ``configure_runtime`` therefore runs OpenBLAS single-threaded
    (``threadpoolctl``); XLA already runs the matrices of a batch in parallel.
 2. as many concurrent batched LAPACK calls as the pool has threads each block a pool thread on
-   work queued behind them (pool starvation). Not handled here: see docs/RELIABILITY.md.
+   work queued behind them (pool starvation): ``spectral_plasticity.linalg`` gives every LAPACK
+   call on CPU a single matrix, so none waits on the pool.
 
 XLA's concurrency-optimized scheduler off and CPU computations without asynchronous dispatch
 are kept from earlier mitigations (they made the overlap rarer). Everything concerns the CPU
