@@ -11,13 +11,19 @@ SEEDS ?=
 METHODS ?=
 WORKDIR ?= workdirs
 OVERRIDES ?=
+RESTART ?=
+VERBOSITY ?=
 CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--seeds=$(SEEDS)) \
-	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o))
+	$(if $(METHODS),--methods=$(METHODS)) $(foreach o,$(OVERRIDES),--override=$(o)) \
+	$(if $(RESTART),--restart) $(if $(VERBOSITY),--verbosity=$(VERBOSITY))
 
 # Runs a resumable command again while it exits with 75 (train/watchdog.py: a stalled XLA CPU
 # computation was stopped; the rerun resumes from the last checkpoint), at most 5 more times.
+# A command stopped by SIGTERM (143, after saving its chunk) stops make by the same signal, so
+# a supervisor sees 143 rather than make's 2.
 resuming = status=75; tries=0; while [ $$status -eq 75 ] && [ $$tries -lt 6 ]; do \
-	$(1); status=$$?; tries=$$((tries + 1)); done; exit $$status
+	$(1); status=$$?; tries=$$((tries + 1)); done; \
+	if [ $$status -eq 143 ]; then kill -TERM $$PPID; fi; exit $$status
 
 .PHONY: test test-slow lint bench sweep list plots reproduce clean-venv
 
@@ -50,6 +56,9 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/ppo.py
 
 ## make sweep EXP=name [SCALE=paper] [SEEDS=n] [METHODS=a,b] [WORKDIR=dir] [OVERRIDES="k=v ..."]
+##   [RESTART=1] [VERBOSITY=0]: results in WORKDIR/EXP-SCALE/<method>/ (experiment.run_dir);
+##   running it again resumes; RESTART=1 starts over a method whose checkpoints are unreadable;
+##   VERBOSITY=0 shows the libraries' INFO logs.
 sweep: $(STAMP)
 	$(call resuming,$(PY) -m spectral_plasticity.cli sweep $(CLI_ARGS))
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spectral_plasticity import linalg
+
 PyTree = Any
 _EPS = 1e-12
 
@@ -51,7 +53,7 @@ def feature_matrix(features: jax.Array) -> jax.Array:
 
 def singular_values(features: jax.Array) -> jax.Array:
     """Singular values of ``feature_matrix(features)``, descending."""
-    return jnp.linalg.svd(feature_matrix(features), compute_uv=False)
+    return linalg.svdvals(feature_matrix(features))
 
 
 def effective_rank(features: jax.Array) -> jax.Array:

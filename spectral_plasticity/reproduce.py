@@ -138,7 +138,7 @@ class StudyResults(NamedTuple):
 def load_study(workdir: Path, study: Study, scale: str) -> StudyResults:
     config = experiment.load_config(study.experiment, scale)
     columns = plots.PlotColumns.from_config(config)
-    tables = plots.load_results(workdir / f"{study.experiment}-{scale}")
+    tables = plots.load_results(experiment.run_dir(workdir, study.experiment, scale))
     # Only finished runs: a method stopped part-way would be compared on other tasks.
     last = max((t[columns.row].max() for t in tables.values() if len(t)), default=0)
     done = {m: t for m, t in tables.items() if len(t) and
@@ -255,7 +255,7 @@ def report(workdir: Path, studies: Sequence[Study], scale: str, figures_dir: Pat
                   "| method | final (mean [95% CI]) | minus BP [95% CI] \\| paired test |",
                   "|---|---|---|"]
         lines += [f"| {m} | {f} | {d} |" for m, f, d in ranking_rows(res)]
-        src = workdir / f"{study.experiment}-{scale}" / "plots"
+        src = experiment.run_dir(workdir, study.experiment, scale) / "plots"
         for png in sorted(src.glob("*.png")):
             target = figures_dir / f"{study.experiment}-{png.name}"
             shutil.copyfile(png, target)
@@ -270,7 +270,7 @@ def run_study(workdir: Path, study: Study, scale: str) -> float:
     config.seeds = study.seeds
     for assignment in study.overrides:
         experiment.apply_override(config, assignment)
-    run_dir = workdir / f"{study.experiment}-{scale}"
+    run_dir = experiment.run_dir(workdir, study.experiment, scale)
     start = time.perf_counter()
     experiment.train_and_evaluate(config, run_dir, methods=study.methods)
     plots.plot_experiment(run_dir, config)
@@ -279,7 +279,7 @@ def run_study(workdir: Path, study: Study, scale: str) -> float:
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/reproduce", "Where the runs are written (resumable).")
-flags.DEFINE_enum("scale", "small", ["small", "paper"], "small: CPU studies; paper: protocol.")
+flags.DEFINE_enum("scale", "small", list(experiment.SCALES), "small: CPU studies; paper: protocol.")
 flags.DEFINE_list("only", None, "Run only these experiments of the plan.")
 flags.DEFINE_bool("report_only", False, "Only write the report from the results already in "
                   "--workdir (no training).")

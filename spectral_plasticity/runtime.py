@@ -1,16 +1,25 @@
-"""Process-wide JAX settings applied by our entry points (the CLI, ``make reproduce``, tests).
+"""Process-wide settings applied by our entry points (the CLI, ``make reproduce``, tests).
 
-With jax 0.10.2 on CPU, a vmapped chunk of the supervised trainer with the new-task Hessian
-(Lanczos loops inside the chunk) often never finished here: the host waited on the result while
-every XLA worker thread slept, using no CPU. It happened with and without asynchronous dispatch,
-XLA's multi-threaded Eigen pool, single-threaded OpenBLAS and the legacy CPU runtime flag, and
-only partly with XLA's concurrency-optimized thunk scheduler turned off. What ended it is an
-``optimization_barrier`` in the trainer that orders the measurement before and after the
-training loop (so the runtime never runs the Lanczos loops concurrently with it): three runs
-of the chunk that had hung every time then finished. We keep the scheduler flag off and run CPU
-computations without async dispatch as well (cf. jax-ml/jax#25861, openxla/xla#33048 on loops
-under the CPU runtime). Both settings concern the CPU backend only; a user's own choice (in
-``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
+**The XLA CPU stall.** With jax 0.10.2 on CPU, chunks that measure the new-task Hessian or the
+KFAC diagnostics under ``vmap`` sometimes never finished while the process used no CPU. A
+vmapped ``jnp.linalg.eigh``/``svd`` runs through jaxlib's CPU LAPACK kernels, whose
+``ParallelBatchMap`` schedules the batch's matrices on XLA's intra-op thread pool and blocks the
+calling pool thread until they are done. ``gdb`` on stalled chunks showed two ways this hangs
+(docs/RELIABILITY.md):
+
+1. each matrix calls scipy's OpenBLAS, itself multi-threaded, from inside XLA's pool: a pool
+   thread waited in OpenBLAS's ``exec_blas_async_wait`` (``benchmarks/stress_stall.py
+   --lapack`` reproduces it: 50 vmapped svds that did not finish in 90 s take 9 ms each with
+   OpenBLAS single-threaded). ``configure_runtime`` therefore runs OpenBLAS single-threaded
+   (``threadpoolctl``); XLA already runs the matrices of a batch in parallel.
+2. as many concurrent batched LAPACK calls as the pool has threads each block a pool thread on
+   work queued behind them (pool starvation): ``spectral_plasticity.linalg`` gives every LAPACK
+   call on CPU a single matrix, so none waits on the pool.
+
+XLA's concurrency-optimized scheduler off and CPU computations without asynchronous dispatch
+are kept from earlier mitigations (they made the overlap rarer). Everything concerns the CPU
+backend only; a user's own choice (``OPENBLAS_NUM_THREADS``, ``XLA_FLAGS``,
+``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
 """
 
 from __future__ import annotations
@@ -22,6 +31,14 @@ import jax
 CPU_XLA_FLAGS = {"xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
+def single_threaded_blas() -> None:
+    """Limits the BLAS that jax's CPU LAPACK kernels call (scipy's OpenBLAS) to one thread."""
+    import scipy.linalg  # noqa: F401  loads scipy's OpenBLAS, which jaxlib's LAPACK calls
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 def configure_runtime() -> None:
     """Applies the settings above; call it before the first computation."""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -30,3 +47,5 @@ def configure_runtime() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        single_threaded_blas()

@@ -1,11 +1,13 @@
 """Experiment configs: loading by name, overrides from the command line, clear errors."""
 
+import json
 import textwrap
 
 import ml_collections
 import pytest
 
 from spectral_plasticity import experiment
+from spectral_plasticity.train import ConfigChangedError
 
 
 @pytest.fixture
@@ -100,3 +102,58 @@ def test_per_method_settings_for_a_method_not_run_are_refused_before_anything_ru
     with pytest.raises(ValueError, match=r"names methods \['l2_er'\] that this experiment"):
         experiment.train_and_evaluate(config, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_entry_can_be_added_by_override(experiments_dir):
+    config = experiment.load_config("toy", "small", experiments_dir)
+    experiment.apply_override(config, "sweep.learning_rate=[0.01,0.03]")
+    assert list(config.sweep.learning_rate) == [0.01, 0.03]
+    for bad in ("sweep.learning_rate=0.01", "sweep.learning_rate=[]",
+                "sweep.learning_rate=[a,b]"):
+        with pytest.raises(ValueError, match="a sweep entry is a list of numbers"):
+            experiment.apply_override(config, bad)
+
+
+def test_a_tuple_of_integers_refuses_other_values_naming_the_key(experiments_dir):
+    config = experiment.load_config("toy", "small", experiments_dir)
+    config.hidden_sizes = (100, 100)
+    experiment.apply_override(config, "hidden_sizes=5,7")
+    assert config.hidden_sizes == (5, 7)
+    with pytest.raises(ValueError, match=r"bad value for hidden_sizes: 'abc'; expected integers"):
+        experiment.apply_override(config, "hidden_sizes=abc")
+
+
+def test_run_dir_names_the_experiment_and_scale(tmp_path):
+    assert experiment.run_dir(tmp_path, "toy", "paper") == tmp_path / "toy-paper"
+
+
+def _regression_config():
+    config = experiment.load_config("slowly_changing_regression", "small")
+    config.update(seeds=1, tasks_per_chunk=1, methods=("bp", "l2"))
+    config.stream.update(num_tasks=1, flip_after=5, eval_size=16)
+    config.hessian.update(num_iters=4, grid_size=20, examples=16)
+    return config
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("seeds", -1, r"seeds must be a positive number of seeds, got -1"),
+    ("optimizer.name", "foo", r"config.optimizer of method 'bp': unknown optimizer 'foo'"),
+])
+def test_bad_values_are_refused_before_any_directory_is_created(tmp_path, field, value, match):
+    config = _regression_config()
+    experiment.apply_override(config, f"{field}={value}")
+    with pytest.raises(ValueError, match=match):
+        experiment.train_and_evaluate(config, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_every_method_is_checked_against_its_saved_config_before_any_runs(tmp_path):
+    config = _regression_config()
+    experiment.train_and_evaluate(config, tmp_path, methods=["l2"])
+    summary = json.loads((tmp_path / "l2" / "summary.json").read_text())
+    assert summary["data"] == {"stream": "slowly_changing_regression", "source": "generated"}
+    assert summary["swept"] == []
+    config.hessian.examples = 8
+    with pytest.raises(ConfigChangedError, match=r"hessian.examples: 16 -> 8"):
+        experiment.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "bp").exists()

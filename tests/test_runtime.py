@@ -34,3 +34,27 @@ def test_xla_flag_is_added_once_and_a_user_choice_is_kept(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", f"{name}=true")
     runtime.configure_runtime()
     assert os.environ["XLA_FLAGS"] == f"{name}=true"
+
+
+def _scipy_blas_threads() -> set[int]:
+    import threadpoolctl
+
+    return {i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas" and "scipy" in i["filepath"]}
+
+
+def test_blas_runs_single_threaded_unless_the_user_chose(monkeypatch):
+    """jaxlib's CPU LAPACK calls scipy's OpenBLAS from XLA's pool threads (runtime docstring)."""
+    import threadpoolctl
+
+    original = threadpoolctl.threadpool_limits(2, user_api="blas")
+    try:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+        runtime.configure_runtime()
+        assert _scipy_blas_threads() == {2}
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+        runtime.configure_runtime()
+        assert _scipy_blas_threads() == {1}
+    finally:
+        original.restore_original_limits()
+        runtime.single_threaded_blas()

@@ -24,6 +24,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from spectral_plasticity import linalg
 from spectral_plasticity.curvature.operators import (
     LayerSelection,
     combine,
@@ -37,7 +38,7 @@ PyTree = Any
 
 def psd_sqrt(matrices: jax.Array) -> jax.Array:
     """Symmetric square roots of a batch of symmetric PSD matrices (negative eigenvalues -> 0)."""
-    values, vectors = jnp.linalg.eigh(matrices)
+    values, vectors = linalg.eigh(matrices)
     roots = jnp.sqrt(jnp.clip(values, 0.0, None))
     return jnp.einsum("...ik,...k,...jk->...ij", vectors, roots, vectors)
 

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
+from spectral_plasticity import linalg
 from spectral_plasticity.curvature.lanczos import lanczos, ritz_pairs
 from spectral_plasticity.curvature.operators import (
     CurvatureOperator,
@@ -322,7 +323,7 @@ def output_cotangents(outputs: jax.Array, targets: jax.Array, loss_fn: LossFn, m
         one = lambda f, t: loss_fn(f[None], jax.tree.map(lambda x: x[None], t))[0]
         hessians = jax.vmap(jax.hessian(one))(outputs, targets)
         chex.assert_shape(hessians, (batch, num_outputs, num_outputs))
-        values, vectors = jnp.linalg.eigh(hessians)
+        values, vectors = linalg.eigh(hessians)
         return jnp.transpose(vectors, (2, 0, 1)), values.T
     if mode == "empirical":
         return grad_at(targets)[None], jnp.ones((1, batch), outputs.dtype)
@@ -445,8 +446,8 @@ def kronecker_spectrum(factors: KroneckerFactors) -> KroneckerSpectrum:
     """Every eigenvalue of ``scale * A (x) G`` from the eigenvalues of its two factors."""
     chex.assert_rank([factors.a, factors.g], 2)
     chex.assert_rank(factors.scale, 0)
-    a_values = jnp.linalg.eigvalsh(factors.a)[::-1]
-    g_values = jnp.linalg.eigvalsh(factors.g)[::-1]
+    a_values = linalg.eigvalsh(factors.a)[::-1]
+    g_values = linalg.eigvalsh(factors.g)[::-1]
     products = factors.scale * jnp.outer(a_values, g_values).reshape(-1)
     return KroneckerSpectrum(jnp.sort(products)[::-1], a_values, g_values)
 

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from spectral_plasticity import linalg
+
 # A step breaks down when beta_j <= BREAKDOWN_FACTOR * sqrt(m) * eps * ||A||, i.e. when the new
 # direction is at the level of the rounding error of a reorthogonalized product.
 BREAKDOWN_FACTOR = 10.0
@@ -139,7 +141,7 @@ def tridiagonal(result: LanczosResult) -> jax.Array:
 
 def ritz_pairs(result: LanczosResult) -> RitzPairs:
     """Ritz values, quadrature weights and validity of a Lanczos run."""
-    values, vectors = jnp.linalg.eigh(tridiagonal(result))
+    values, vectors = linalg.eigh(tridiagonal(result))
     m = result.alphas.shape[0]
     in_valid_block = jnp.arange(m) < result.num_valid
     mass = jnp.sum(jnp.where(in_valid_block[:, None], vectors ** 2, 0.0), axis=0)

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from spectral_plasticity.tasks.cifar import load_cifar100
-from spectral_plasticity.tasks.continual_imagenet import ContinualImageNet, load_continual_imagenet
-from spectral_plasticity.tasks.idx import DataError, ImageDataset, load_idx_dataset, read_idx
+from spectral_plasticity.tasks import idx
+from spectral_plasticity.tasks.cifar import find_cifar100, load_cifar100
+from spectral_plasticity.tasks.continual_imagenet import (
+    ContinualImageNet,
+    classes_dir,
+    load_continual_imagenet,
+)
+from spectral_plasticity.tasks.idx import (
+    DataError,
+    ImageDataset,
+    find_idx_dataset,
+    load_idx_dataset,
+    read_idx,
+)
 from spectral_plasticity.tasks.incremental_cifar import IncrementalCIFAR
 from spectral_plasticity.tasks.permuted import PermutedImages, RelabeledImages
 from spectral_plasticity.tasks.regression import SlowlyChangingRegression
@@ -52,7 +63,25 @@ def make_stream(name: str, *, data_dir: str | None = None, **kwargs: Any) -> Tas
     return cls(data, name=name, **kwargs)
 
 
+def data_source(name: str, data_dir: str | None = None) -> str:
+    """The directory that ``make_stream(name, data_dir=...)`` reads (call it after the stream is
+    made: a downloaded data set is then in the cache), or ``"generated"`` for a stream without
+    data. A given ``data_dir`` is the only place a stream reads (or it fails)."""
+    if name not in STREAMS:
+        raise ValueError(f"unknown stream {name!r}; choose one of {list(STREAMS)}")
+    if name == "slowly_changing_regression":
+        return "generated"
+    if name == "continual_imagenet":
+        return str(classes_dir(data_dir))
+    if data_dir is not None:
+        return str(data_dir)
+    dataset = name.split("_", 1)[1]
+    if dataset == "cifar100":  # relabeled_cifar100, incremental_cifar100
+        return str(find_cifar100() or idx.cache_dir() / "cifar100")
+    return str(find_idx_dataset(dataset) or idx.cache_dir() / dataset)
+
+
 __all__ = ["STREAMS", "ContinualImageNet", "DataError", "ImageDataset", "IncrementalCIFAR",
            "PermutedImages", "RelabeledImages", "SlowlyChangingRegression", "TaskStream",
-           "load_cifar100", "load_continual_imagenet", "load_idx_dataset", "make_stream",
-           "read_idx"]
+           "data_source", "load_cifar100", "load_continual_imagenet", "load_idx_dataset",
+           "make_stream", "read_idx"]

@@ -3,10 +3,12 @@
 ``cifar-100-python.tar.gz`` (Krizhevsky 2009) holds ``cifar-100-python/{train,test,meta}``,
 pickled dicts: ``data`` is ``(N, 3072)`` uint8, each row 1,024 red, then 1,024 green, then 1,024
 blue values of a 32x32 image in row-major order, and ``fine_labels`` the 100-way labels (50,000
-training and 10,000 test images, 500 and 100 per class). ``load_cifar100`` looks, in order, in
-``data_dir`` (argument), ``$SPECTRAL_PLASTICITY_DATA/cifar100`` and the download cache for the
-archive or its extracted ``cifar-100-python/`` folder, and downloads the archive into the cache
-with pooch when it is found nowhere (md5-checked; a failed or partial download leaves no file).
+training and 10,000 test images, 500 and 100 per class). ``load_cifar100`` looks for the
+archive or its extracted ``cifar-100-python/`` folder in ``data_dir`` when one is given (and
+nowhere else: a missing one is an error), otherwise, in order, in
+``$SPECTRAL_PLASTICITY_DATA/cifar100`` and the download cache, and downloads the archive into
+the cache with pooch when it is found nowhere (md5-checked; a failed or partial download leaves
+no file).
 The archive's md5 and each extracted member's md5 are the published ones (torchvision's
 ``CIFAR100`` lists the same), so a truncated or altered file is an error naming it.
 """
@@ -93,11 +95,17 @@ def _read_members(directory: Path, verify: bool) -> dict[str, bytes] | None:
 
 
 def _candidate_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
-    dirs = [] if data_dir is None else [Path(data_dir)]
-    if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]) / "cifar100")
-    dirs.append(cache_dir() / "cifar100")
-    return dirs
+    """Where CIFAR-100 is looked for: only ``data_dir`` when one is given, else the defaults."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    dirs = [Path(os.environ[ENV_VAR]) / "cifar100"] if os.environ.get(ENV_VAR) else []
+    return [*dirs, cache_dir() / "cifar100"]
+
+
+def find_cifar100(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The directory ``load_cifar100(data_dir)`` reads, or None if it is nowhere yet."""
+    return next((d for d in _candidate_dirs(data_dir)
+                 if (d / FOLDER / "train").is_file() or (d / ARCHIVE).is_file()), None)
 
 
 def _download() -> Path:
@@ -122,6 +130,10 @@ def load_cifar100(data_dir: str | os.PathLike[str] | None = None, *, download: b
     """
     raw = next((r for d in _candidate_dirs(data_dir)
                 if (r := _read_members(d, verify)) is not None), None)
+    if raw is None and data_dir is not None:
+        raise DataError(f"CIFAR-100 not found in the given data_dir {data_dir} (config "
+                        f"stream.data_dir; it needs {ARCHIVE} or {FOLDER}/); {HOW_TO_GET}, or "
+                        "leave data_dir empty to use the defaults")
     if raw is None and download:
         try:
             raw = _read_members(_download(), verify)

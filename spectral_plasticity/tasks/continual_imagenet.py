@@ -46,7 +46,8 @@ HOW_TO_GET = (f"download Dohare et al.'s per-class files from "
               "data_dir (config.stream.data_dir)")
 
 
-def _classes_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+def classes_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """The directory of the per-class files that ``load_continual_imagenet`` reads."""
     if data_dir is None:
         if not os.environ.get(ENV_VAR):
             raise DataError(f"continual ImageNet: no data_dir given and ${ENV_VAR} is not set; "
@@ -70,7 +71,7 @@ def load_continual_imagenet(data_dir: str | os.PathLike[str] | None = None, *,
       DataError: a missing directory or file, or a file that is truncated or not a
         ``(700, 3, 32, 32)`` array (the message names the file and how to get the data).
     """
-    directory = _classes_dir(data_dir)
+    directory = classes_dir(data_dir)
     found = {int(m.group(1)) for p in (directory.iterdir() if directory.is_dir() else ())
              if (m := re.fullmatch(r"(\d+)\.npy", p.name))}
     if 0 not in found:

@@ -1,9 +1,10 @@
 """Image data sets in MNIST's IDX format: reading, verification, download, and where to find them.
 
 MNIST and Fashion-MNIST come as four gzip-compressed IDX files. ``load_idx_dataset(name)``
-looks for them, in order, in ``data_dir`` (argument), ``$SPECTRAL_PLASTICITY_DATA/<name>``, the
-Debian package's directory (``/usr/share/datasets/fashion-mnist`` from ``apt-get install
-dataset-fashion-mnist``) and the download cache; MNIST is downloaded into the cache with pooch
+looks for them in ``data_dir`` when one is given (and nowhere else: a missing one is an error),
+otherwise, in order, in ``$SPECTRAL_PLASTICITY_DATA/<name>``, the Debian package's directory
+(``/usr/share/datasets/fashion-mnist`` from ``apt-get install dataset-fashion-mnist``) and the
+download cache; MNIST is downloaded into the cache with pooch
 when it is found nowhere (md5-checked; a failed or partial download leaves no file). Every file
 is checked against the known checksums of its published versions and its IDX header against
 its size, so a truncated or altered file is an error naming the file, never silent bad data.
@@ -94,15 +95,22 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def _candidate_dirs(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
-    dirs = []
+    """Where ``name`` is looked for: only ``data_dir`` when one is given, else the defaults."""
     if data_dir is not None:
-        dirs.append(Path(data_dir))
+        return [Path(data_dir)]
+    dirs = []
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]) / name)
     if name in SYSTEM_DIRS:
         dirs.append(SYSTEM_DIRS[name])
     dirs.append(cache_dir() / name)
     return dirs
+
+
+def find_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The directory ``load_idx_dataset(name, data_dir)`` reads, or None if it is nowhere yet."""
+    return next((d for d in _candidate_dirs(name, data_dir)
+                 if all((d / f).exists() for f in FILES.values())), None)
 
 
 def cache_dir() -> Path:
@@ -140,8 +148,11 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, 
     """
     if name not in KNOWN_MD5:
         raise ValueError(f"unknown IDX data set {name!r}; choose one of {sorted(KNOWN_MD5)}")
-    found = next((d for d in _candidate_dirs(name, data_dir)
-                  if all((d / f).exists() for f in FILES.values())), None)
+    found = find_idx_dataset(name, data_dir)
+    if found is None and data_dir is not None:
+        raise DataError(f"{name} not found in the given data_dir {data_dir} (config "
+                        f"stream.data_dir; it needs {', '.join(FILES.values())}); "
+                        f"{HOW_TO_GET[name]}, or leave data_dir empty to use the defaults")
     if found is None and download and name in DOWNLOAD_URLS:
         try:
             found = _download(name)

@@ -12,10 +12,12 @@ from the newest readable checkpoint and produces bit-identical results.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spectral_plasticity.train import results
 from spectral_plasticity.train.checkpoint import Checkpointer
-from spectral_plasticity.train.progress import ProgressBar
+from spectral_plasticity.train.lock import work_dir_lock
 from spectral_plasticity.train.watchdog import StallWatchdog
 
 PyTree = Any
@@ -74,6 +77,10 @@ class ConfigChangedError(ValueError):
     """The work directory holds a run of another configuration."""
 
 
+class UnreadableCheckpointsError(RuntimeError):
+    """Chunks were done in the work directory but no checkpoint of them can be read."""
+
+
 def hparam_grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
     """Every combination of the swept values: ``{'lr': [1, 2], 'l2': [3]}`` -> 2 dicts."""
     for name, values in sweep.items():
@@ -84,25 +91,64 @@ def hparam_grid(sweep: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
             for combo in itertools.product(*(sweep[n] for n in names))]
 
 
+_WRITE_PROBLEMS = {
+    errno.ENOTDIR: "a part of its path is a file, not a directory",
+    errno.EEXIST: "it is a file, not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def write_problem(error: OSError) -> str:
+    """A short reason for a failed write (``"the disk is full"``)."""
+    return _WRITE_PROBLEMS.get(error.errno, error.strerror or str(error))
+
+
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_probe"
         probe.write_bytes(b"ok")
         probe.unlink()
+    except FileExistsError as error:  # mkdir on a path that is a file
+        raise OSError(errno.EEXIST, f"cannot use the work directory {run_dir}: it is a file, "
+                      "not a directory; choose another WORKDIR (nothing was changed)") from error
     except OSError as error:
-        raise OSError(
-            f"cannot write to the work directory {run_dir}: {error.strerror or error}. "
-            "Choose a writable WORKDIR with free space; nothing was changed."
-        ) from error
+        raise OSError(error.errno, f"cannot write to the work directory {run_dir}: "
+                      f"{write_problem(error)}; choose a writable WORKDIR with free space "
+                      "(nothing was changed)") from error
 
 
-def _check_config(run_dir: Path, config: Mapping[str, Any]) -> None:
+def _saved_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
-    if not path.exists():
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_config(run_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuses to resume ``run_dir`` with another config than the one it was run with.
+
+    Raises:
+      ConfigChangedError: naming the changed keys, their saved and new values.
+    """
+    run_dir = Path(run_dir)
+    saved = _saved_summary(run_dir).get("config")
+    if saved is None:
         return
-    saved = json.loads(path.read_text()).get("config", {})
-    now = json.loads(json.dumps(dict(config), default=str))
+    saved, now = _flat(saved), _flat(json.loads(json.dumps(dict(config), default=str)))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
@@ -141,6 +187,116 @@ def _split_metrics(
     return scalars, arrays
 
 
+class _Runs(NamedTuple):
+    """Every (hyperparameters, seed) pair, stacked on the leading "runs" axis."""
+
+    pairs: list[tuple[Mapping[str, float], int]]
+    names: list[str]
+    keys: jax.Array
+    hparams: Hparams
+    sharding: NamedSharding
+
+
+def _stack_runs(seeds: Sequence[int], hparams: Sequence[Mapping[str, float]]) -> _Runs:
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    if not hparams:
+        raise ValueError("hparams must hold at least one setting (use [{}] for none)")
+    names = sorted(hparams[0])
+    if any(sorted(h) != names for h in hparams):
+        raise ValueError(f"every hyperparameter setting needs the same keys {names}")
+    pairs = [(h, s) for h in hparams for s in seeds]
+    sharding, num_devices = _runs_sharding()
+    padded = pairs + [pairs[-1]] * (-len(pairs) % num_devices)
+    keys = jax.device_put(
+        jax.vmap(jax.random.key)(jnp.asarray([s for _, s in padded], jnp.uint32)), sharding)
+    hp = {n: jax.device_put(jnp.asarray([h[n] for h, _ in padded], jnp.float32), sharding)
+          for n in names}
+    return _Runs(pairs, names, keys, hp, sharding)
+
+
+def _compile(trainer: ChunkedTrainer, sharding: NamedSharding
+             ) -> tuple[Callable[..., PyTree], Callable[[PyTree, Hparams], tuple[PyTree, Metrics]]]:
+    """The vmapped, sharded ``init`` and ``run_chunk`` (state donated)."""
+    init = jax.jit(jax.vmap(trainer.init), out_shardings=sharding)
+    if not trainer.data:
+        return init, jax.jit(jax.vmap(trainer.run_chunk), out_shardings=sharding,
+                             donate_argnums=0)
+    data = jax.device_put(trainer.data, NamedSharding(sharding.mesh, PartitionSpec()))
+    chunk_fn = jax.jit(jax.vmap(trainer.run_chunk, in_axes=(0, 0, None)),
+                       out_shardings=sharding, donate_argnums=0)
+    return init, lambda state, hp: chunk_fn(state, hp, data)
+
+
+class _Progress(NamedTuple):
+    chunks_done: int
+    state: PyTree
+    rows_written: int
+    diverged: list[bool]
+
+
+def _resume(checkpointer: Checkpointer, table: results.ResultsTable, state: PyTree,
+            num_runs: int, saved_chunks: int | None, restart: bool) -> _Progress:
+    """The newest readable checkpoint's progress, the table cut to its rows; or a fresh start.
+
+    ``saved_chunks``: the chunks done by ``summary.json`` (None: no summary). Rows of done
+    chunks without a readable checkpoint are refused unless ``restart``, which moves the old
+    ``results.csv`` aside (never deletes it) and starts over. Rows of a first chunk that ran
+    before its checkpoint was written (``saved_chunks == 0``) are recomputed.
+    """
+    restored = checkpointer.restore_latest(template=state)
+    if restored is None and saved_chunks != 0 and table.num_rows():
+        if not restart:
+            raise UnreadableCheckpointsError(
+                f"{table.path.parent} holds {table.num_rows()} result rows but no readable "
+                f"checkpoint of them (unreadable ones are moved aside in "
+                f"{checkpointer.directory}); nothing was deleted. Rerun with --restart "
+                "(run_sweep(restart=True)) to start this run over, keeping the old rows as "
+                "results.csv.replaced_<time>."
+            )
+        kept = table.path.with_name(f"results.csv.replaced_{int(time.time())}")
+        table.path.rename(kept)
+        logging.warning("%s: starting over; the old rows are kept in %s", table.path, kept.name)
+    if restored is None:
+        table.truncate(0)
+        return _Progress(0, state, 0, [False] * num_runs)
+    rows = int(restored.record["rows"])
+    table.truncate(rows)
+    diverged = list(restored.record.get("diverged", [False] * num_runs))
+    return _Progress(restored.step, restored.state, rows, diverged)
+
+
+def _mark_diverged(trainer: ChunkedTrainer, runs: _Runs, metrics: Mapping[str, np.ndarray],
+                   diverged: list[bool], label: str, chunk: int) -> None:
+    for i, (h, s) in enumerate(runs.pairs):
+        bad = [k for k, v in metrics.items()
+               if (trainer.divergence_keys is None or k in trainer.divergence_keys)
+               and np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v[i]))]
+        if bad and not diverged[i]:
+            diverged[i] = True
+            logging.warning("%s: run seed=%d %s diverged (non-finite %s) in chunk %d; its rows "
+                            "are marked diverged, the other runs go on", label, s, h,
+                            ", ".join(bad[:4]), chunk)
+
+
+def _rows(trainer: ChunkedTrainer, runs: _Runs, chunk: int, scalars: Mapping[str, np.ndarray],
+          diverged: list[bool]) -> pd.DataFrame:
+    per_run = trainer.rows_per_chunk
+    return pd.DataFrame({
+        "run": np.repeat(np.arange(len(runs.pairs)), per_run),
+        "seed": np.repeat([s for _, s in runs.pairs], per_run),
+        **{n: np.repeat([h[n] for h, _ in runs.pairs], per_run) for n in runs.names},
+        trainer.row_name: np.tile(chunk * per_run + np.arange(per_run), len(runs.pairs)),
+        **{k: v.reshape(-1) for k, v in scalars.items()},
+        "diverged": np.repeat(diverged, per_run),
+    })
+
+
+def _announce(message: str) -> None:
+    """One line for a person watching: the time and ``message``, on stderr."""
+    tqdm.tqdm.write(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr)
+
+
 def run_sweep(
     trainer: ChunkedTrainer,
     *,
@@ -152,6 +308,8 @@ def run_sweep(
     label: str = "",
     max_chunks: int | None = None,
     stall_seconds: float = 60.0,
+    restart: bool = False,
+    record: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Runs every (hyperparameters, seed) pair of one method; returns its results table.
 
@@ -161,131 +319,101 @@ def run_sweep(
       hparams: hyperparameter settings (dicts of floats with the same keys), e.g. from
         ``hparam_grid``; use ``[{}]`` when nothing is swept.
       run_dir: the run's directory: checkpoints, ``results.csv``, ``arrays/``, ``summary.json``.
+        A second sweep on a directory in use is refused (``lock.WorkDirBusyError``).
       config: the run's configuration (JSON-able); a resume with another config is refused.
       keep: checkpoints kept.
-      label: shown in the progress bar and the log.
+      label: names the run in its start and end lines and the progress bar.
       max_chunks: stop after this many chunks in this call (the run resumes later).
       stall_seconds: on CPU, exit with ``watchdog.EXIT_STALLED`` when a chunk uses no CPU for
         this long (an intermittent XLA CPU hang; see ``train.watchdog``); 0 disables.
+      restart: start over when chunks were done but no checkpoint can be read (otherwise
+        ``UnreadableCheckpointsError``); the old rows are kept aside.
+      record: more JSON-able entries for ``summary.json`` (e.g. the data actually read).
 
     Returns:
       The whole ``results.csv`` as a DataFrame (including rows of earlier, resumed calls).
     """
-    if not seeds:
-        raise ValueError("seeds must not be empty")
-    if not hparams:
-        raise ValueError("hparams must hold at least one setting (use [{}] for none)")
-    names = sorted(hparams[0])
-    if any(sorted(h) != names for h in hparams):
-        raise ValueError(f"every hyperparameter setting needs the same keys {names}")
+    runs = _stack_runs(seeds, hparams)
     run_dir = Path(run_dir)
     _check_writable(run_dir)
-    _check_config(run_dir, config)
+    with work_dir_lock(run_dir):
+        check_config(run_dir, config)
+        saved_chunks = _saved_summary(run_dir).get("chunks_done")
+        init, run_chunk = _compile(trainer, runs.sharding)
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep=keep)
+        try:
+            table = results.ResultsTable(run_dir)
+            progress = _resume(checkpointer, table, init(runs.keys, runs.hparams),
+                               len(runs.pairs), saved_chunks, restart)
+            summary = {"config": dict(config), "versions": results.library_versions(),
+                       "runs": [{"seed": s, **h} for h, s in runs.pairs], "swept": runs.names,
+                       "devices": runs.sharding.mesh.size, "num_chunks": trainer.num_chunks,
+                       "row_name": trainer.row_name, "chunks_done": progress.chunks_done,
+                       **(record or {})}
+            end = trainer.num_chunks if max_chunks is None else min(
+                trainer.num_chunks, progress.chunks_done + max_chunks)
+            _announce(f"{label or run_dir}: {len(seeds)} seeds x {len(hparams)} settings, "
+                      f"chunks {progress.chunks_done}/{trainer.num_chunks} done -> {run_dir}")
+            t0 = time.perf_counter()
+            done = _run_chunks(trainer, runs, run_chunk, progress, end, summary, table,
+                               checkpointer, run_dir, label, stall_seconds)
+        finally:
+            checkpointer.close()
+    what = "finished" if done == trainer.num_chunks else "stopped (resumable)"
+    _announce(f"{label or run_dir}: {what} at chunk {done}/{trainer.num_chunks} in "
+              f"{time.perf_counter() - t0:.0f} s -> {table.path}")
+    return pd.read_csv(table.path) if table.path.exists() else pd.DataFrame()
 
-    runs = [(h, s) for h in hparams for s in seeds]
-    sharding, num_devices = _runs_sharding()
-    padded = -(-len(runs) // num_devices) * num_devices
-    runs_padded = runs + [runs[-1]] * (padded - len(runs))
-    keys = jax.device_put(
-        jax.vmap(jax.random.key)(jnp.asarray([s for _, s in runs_padded], jnp.uint32)), sharding
-    )
-    hp = {n: jax.device_put(jnp.asarray([h[n] for h, _ in runs_padded], jnp.float32), sharding)
-          for n in names}
 
-    init = jax.jit(jax.vmap(trainer.init), out_shardings=sharding)
-    if trainer.data:
-        data = jax.device_put(trainer.data, NamedSharding(sharding.mesh, PartitionSpec()))
-        chunk_fn = jax.jit(jax.vmap(trainer.run_chunk, in_axes=(0, 0, None)),
-                           out_shardings=sharding, donate_argnums=0)
-        run_chunk = lambda state, hp: chunk_fn(state, hp, data)
-    else:
-        run_chunk = jax.jit(jax.vmap(trainer.run_chunk), out_shardings=sharding,
-                            donate_argnums=0)
+def _run_chunks(trainer: ChunkedTrainer, runs: _Runs, run_chunk: Callable[..., Any],
+                progress: _Progress, end: int, summary: dict[str, Any],
+                table: results.ResultsTable, checkpointer: Checkpointer, run_dir: Path,
+                label: str, stall_seconds: float) -> int:
+    """Chunks ``progress.chunks_done .. end``, each saved; returns the chunks done.
 
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=keep)
-    table = results.ResultsTable(run_dir)
-    state = init(keys, hp)
-    restored = checkpointer.restore_latest(template=state)
-    start, rows_written, diverged = 0, 0, [False] * len(runs)
-    if restored is not None:
-        start, state = restored.step, restored.state
-        rows_written = int(restored.record["rows"])
-        diverged = list(restored.record.get("diverged", diverged))
-        logging.info("%s: resuming after chunk %d of %d", label, start, trainer.num_chunks)
-    table.truncate(rows_written)
-
-    summary = {"config": dict(config), "versions": results.library_versions(),
-               "runs": [{"seed": s, **h} for h, s in runs], "devices": num_devices,
-               "num_chunks": trainer.num_chunks, "row_name": trainer.row_name,
-               "chunks_done": start}
-    if jax.process_index() == 0:
+    A SIGTERM stops after the running chunk is saved (``SystemExit(143)``).
+    """
+    state, rows_written, diverged = progress.state, progress.rows_written, progress.diverged
+    main = jax.process_index() == 0
+    if main:
         results.write_summary(run_dir, summary)
-
     stop = {"requested": False}
     previous_handler = signal.getsignal(signal.SIGTERM)
-
-    def request_stop(signum: int, frame: Any) -> None:
-        stop["requested"] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    rows_total = trainer.num_chunks * trainer.rows_per_chunk
-    bar = ProgressBar(rows_total * trainer.work_per_row, trainer.work_unit, label,
-                      start=start * trainer.rows_per_chunk * trainer.work_per_row)
-    end = trainer.num_chunks if max_chunks is None else min(trainer.num_chunks,
-                                                            start + max_chunks)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    work = trainer.rows_per_chunk * trainer.work_per_row
+    bar = tqdm.tqdm(total=trainer.num_chunks * work, initial=progress.chunks_done * work,
+                    unit=f" {trainer.work_unit}", desc=label, unit_scale=True, file=sys.stderr,
+                    disable=None if main else True, dynamic_ncols=True, leave=False)
     watchdog = StallWatchdog(stall_seconds, label or str(run_dir))
+    chunk = progress.chunks_done
     try:
-        for chunk in range(start, end):
+        for chunk in range(progress.chunks_done, end):
             t0 = time.perf_counter()
             with watchdog.watch(f"chunk {chunk + 1}"):
-                state, metrics = run_chunk(state, hp)
-                metrics_np = {k: v[: len(runs)] for k, v in _to_host(metrics).items()}
+                state, metrics = run_chunk(state, runs.hparams)
+                metrics_np = {k: v[: len(runs.pairs)] for k, v in _to_host(metrics).items()}
             scalars, arrays = _split_metrics(metrics_np, trainer.rows_per_chunk)
-            for i, (h, s) in enumerate(runs):
-                bad = [k for k, v in metrics_np.items()
-                       if (trainer.divergence_keys is None or k in trainer.divergence_keys)
-                       and np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v[i]))]
-                if bad and not diverged[i]:
-                    diverged[i] = True
-                    logging.warning("%s: run seed=%d %s diverged (non-finite %s) in chunk %d; "
-                                    "its rows are marked diverged, the other runs go on",
-                                    label, s, h, ", ".join(bad[:4]), chunk)
-            rows = pd.DataFrame({
-                "run": np.repeat(np.arange(len(runs)), trainer.rows_per_chunk),
-                "seed": np.repeat([s for _, s in runs], trainer.rows_per_chunk),
-                **{n: np.repeat([h[n] for h, _ in runs], trainer.rows_per_chunk) for n in names},
-                trainer.row_name: np.tile(
-                    chunk * trainer.rows_per_chunk + np.arange(trainer.rows_per_chunk), len(runs)
-                ),
-                **{k: v.reshape(-1) for k, v in scalars.items()},
-                "diverged": np.repeat(diverged, trainer.rows_per_chunk),
-            })
+            _mark_diverged(trainer, runs, metrics_np, diverged, label, chunk)
             try:
-                if jax.process_index() == 0:
+                if main:
                     results.save_chunk_arrays(run_dir, chunk, arrays)
-                    rows_written = table.append(rows)
+                    rows_written = table.append(_rows(trainer, runs, chunk, scalars, diverged))
                 checkpointer.save(chunk + 1, state, {"rows": rows_written, "diverged": diverged})
+                summary.update(chunks_done=chunk + 1, seconds_last_chunk=time.perf_counter() - t0)
+                if main:
+                    results.write_summary(run_dir, summary)
             except OSError as error:
                 raise OSError(
-                    f"{label}: could not write chunk {chunk + 1} to {run_dir} "
-                    f"({error.strerror or error}); the checkpoint of chunk {chunk} and the rows "
+                    error.errno, f"{label}: could not write chunk {chunk + 1} to {run_dir} "
+                    f"({write_problem(error)}); the checkpoint of chunk {chunk} and the rows "
                     "before it are intact: free space or fix permissions, then run the same "
-                    "command to resume"
-                ) from error
-            summary.update(chunks_done=chunk + 1, seconds_last_chunk=time.perf_counter() - t0)
-            if jax.process_index() == 0:
-                results.write_summary(run_dir, summary)
-            bar.update((chunk + 1) * trainer.rows_per_chunk * trainer.work_per_row)
+                    "command to resume") from error
+            bar.update(work)
             if stop["requested"]:
                 logging.warning("%s: SIGTERM received; stopped cleanly after chunk %d (saved)",
                                 label, chunk + 1)
-                break
+                raise SystemExit(143)
+        return end
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
-        checkpointer.close()
-    if stop["requested"]:
-        raise SystemExit(143)
-    if not table.path.exists():
-        return pd.DataFrame()
-    return pd.read_csv(table.path)

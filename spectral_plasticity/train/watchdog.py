@@ -1,9 +1,9 @@
 """A watchdog for a stalled XLA CPU computation: exit, so that the resumable run is restarted.
 
-With jax 0.10.2 on CPU we saw a compiled chunk (scan over tasks, Lanczos loops inside) never
-finish, intermittently: the host waits on the result while every XLA worker thread sleeps and
-the process uses no CPU at all (it happened with and without asynchronous dispatch and XLA's
-multi-threaded Eigen pool). Nothing inside the process can cancel it, but a sweep is resumable
+With jax 0.10.2 on CPU a compiled chunk (scan over tasks, Lanczos and KFAC inside) can never
+finish: the host waits on the result while XLA's pool threads wait on each other inside
+jaxlib's batched LAPACK kernels and the process uses no CPU (causes in ``runtime`` and
+docs/RELIABILITY.md). Nothing inside the process can cancel it, but a sweep is resumable
 from its last checkpoint, so the watchdog ends the process with ``EXIT_STALLED`` and a message;
 ``make sweep`` and ``make reproduce`` rerun the command on that status.
 

@@ -201,3 +201,23 @@ def test_epoch_order_visits_the_valid_items_once_per_epoch_across_batch_boundari
     assert len({tuple(shown[7 * e: 7 * (e + 1)]) for e in range(4)}) > 1  # fresh orders
     first = np.asarray(valid_first_order(jax.random.key(0), valid))
     assert sorted(first[:7].tolist()) == pool and sorted(first.tolist()) == list(range(12))
+
+
+def test_a_given_data_dir_is_the_only_place_searched_and_is_recorded(tmp_path, monkeypatch):
+    from spectral_plasticity.tasks import data_source, idx
+
+    monkeypatch.setattr(idx, "cache_dir", lambda: tmp_path / "cache")
+    with pytest.raises(DataError, match=r"mnist not found in the given data_dir .*nowhere"):
+        make_stream("permuted_mnist", data_dir=tmp_path / "nowhere", num_tasks=2)
+    with pytest.raises(DataError, match=r"CIFAR-100 not found in the given data_dir"):
+        make_stream("relabeled_cifar100", data_dir=tmp_path / "nowhere", num_tasks=2)
+    assert data_source("slowly_changing_regression") == "generated"
+    assert data_source("permuted_mnist", str(tmp_path / "given")) == str(tmp_path / "given")
+    monkeypatch.delenv(idx.ENV_VAR, raising=False)
+    assert data_source("permuted_mnist") == str(tmp_path / "cache" / "mnist")  # to download
+    mnist_dir = (tmp_path / "cache" / "mnist")
+    mnist_dir.mkdir(parents=True)
+    for filename in FILES.values():
+        (mnist_dir / filename).write_bytes(b"")
+    monkeypatch.setenv(idx.ENV_VAR, str(tmp_path / "env"))
+    assert data_source("permuted_mnist") == str(tmp_path / "cache" / "mnist")  # found there

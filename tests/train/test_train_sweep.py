@@ -1,6 +1,10 @@
 """The sweep runner: exact resume after SIGKILL, corrupt checkpoints, changed configs,
-divergence of one run, sharding over several devices, and bad work directories."""
+divergence of one run, sharding over several devices, bad work directories, the work-dir lock
+and the terminal."""
 
+import errno
+import io
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +22,11 @@ import sweep_fixture
 
 from spectral_plasticity.train import (
     ConfigChangedError,
+    UnreadableCheckpointsError,
+    WorkDirBusyError,
     hparam_grid,
     run_sweep,
+    work_dir_lock,
 )
 from spectral_plasticity.train.results import load_arrays
 
@@ -134,8 +141,11 @@ def test_sharded_over_four_devices_equals_one_device(tmp_path):
 def test_unwritable_work_directory_is_reported(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(OSError, match="cannot write to the work directory"):
+    with pytest.raises(OSError, match="cannot write to the work directory .*: a part of its path "
+                                      "is a file"):
         _sweep(blocker / "run")
+    with pytest.raises(OSError, match="cannot use the work directory .*: it is a file"):
+        _sweep(blocker)
 
 
 def test_hparam_grid_and_bad_sweeps():
@@ -163,3 +173,116 @@ def test_a_failing_write_keeps_the_saved_work(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (run_dir / "results.csv").read_bytes() == before
     pd.testing.assert_frame_equal(_sweep(run_dir), _sweep(tmp_path / "whole"), check_exact=True)
+
+
+def test_a_second_sweep_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with work_dir_lock(run_dir), pytest.raises(WorkDirBusyError,
+                                               match=f"in use by process {os.getpid()} "):
+        _sweep(run_dir)
+    assert not (run_dir / "results.csv").exists()
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from spectral_plasticity.train.lock import "
+         "work_dir_lock\nwith work_dir_lock(sys.argv[1]):\n print('held', flush=True); "
+         "time.sleep(600)", str(run_dir)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkDirBusyError, match=f"process {holder.pid} "):
+        _sweep(run_dir)
+    holder.kill()
+    holder.wait()
+    assert f'"pid": {holder.pid}' in (run_dir / ".lock").read_text()  # stale record left
+    pd.testing.assert_frame_equal(_sweep(run_dir), _sweep(tmp_path / "whole"), check_exact=True)
+
+
+def test_two_sweeps_on_one_directory_lose_and_duplicate_no_row(tmp_path):
+    """The issue's scenario: the same command started again once checkpoint 2 exists."""
+    shared, whole = tmp_path / "shared", tmp_path / "whole"
+    args = [sys.executable, str(FIXTURE), str(shared), "0,1", "0.05", "0.3"]
+    first = subprocess.Popen(args, env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (shared / "checkpoints" / "2").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(args, env=_env(), capture_output=True, text=True)
+    assert first.wait() == 0
+    assert second.returncode != 0
+    assert f"is in use by process {first.pid}" in second.stderr
+    subprocess.run([*args[:-1], "0"], env=_env(), check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, str(FIXTURE), str(whole), "0,1", "0.05"], env=_env(),
+                   check=True)
+    shared_rows, whole_rows = (pd.read_csv(d / "results.csv") for d in (shared, whole))
+    assert not shared_rows.duplicated(["run", "task"]).any()
+    pd.testing.assert_frame_equal(shared_rows, whole_rows, check_exact=True)
+
+
+def _corrupt_every_checkpoint(run_dir):
+    for f in (run_dir / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_all_checkpoints_corrupt_is_refused_until_restart_and_keeps_the_rows(tmp_path):
+    run_dir = tmp_path / "run"
+    _sweep(run_dir, max_chunks=3)
+    before = (run_dir / "results.csv").read_bytes()
+    _corrupt_every_checkpoint(run_dir)
+    for _ in range(2):  # refused again once the unreadable checkpoints were moved aside
+        with pytest.raises(UnreadableCheckpointsError,
+                           match=r"holds 18 result rows but no readable checkpoint.*--restart"):
+            _sweep(run_dir)
+        assert (run_dir / "results.csv").read_bytes() == before
+    restarted = _sweep(run_dir, restart=True)
+    pd.testing.assert_frame_equal(restarted, _sweep(tmp_path / "whole"), check_exact=True)
+    (kept,) = run_dir.glob("results.csv.replaced_*")
+    assert kept.read_bytes() == before
+
+
+def test_summary_records_the_swept_names_and_the_extra_record(tmp_path):
+    run_sweep(sweep_fixture.make_trainer(num_chunks=1), seeds=[0], hparams=hparam_grid(
+        {"lr": [0.05, 0.1]}), run_dir=tmp_path / "run", config={},
+        record={"data": {"source": "generated"}})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["swept"] == ["lr"]
+    assert summary["data"] == {"source": "generated"}
+    assert [r["lr"] for r in summary["runs"]] == [0.05, 0.1]
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+])
+def test_an_unwritable_work_directory_is_one_clear_line(tmp_path, monkeypatch, error, reason):
+    def fail(self, data):
+        raise error
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    with pytest.raises(OSError) as raised:
+        _sweep(tmp_path / "run")
+    message = str(raised.value)
+    assert f"cannot write to the work directory {tmp_path / 'run'}: {reason}" in message
+    assert "\n" not in message
+
+
+def test_terminal_lines_and_a_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    _sweep(tmp_path / "plain", label="fixture")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "\r" not in "".join(lines)
+    assert "fixture: 2 seeds x 1 settings, chunks 0/4 done ->" in lines[0]
+    assert "fixture: finished at chunk 4/4 in" in lines[1]
+    assert lines[1].endswith(str(tmp_path / "plain" / "results.csv"))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    _sweep(tmp_path / "tty", label="fixture")
+    shown = terminal.getvalue()
+    assert "\rfixture:" in shown and "/12 [" in shown and "tasks/s" in shown
