@@ -10,7 +10,7 @@ model: one interceptor, ``_Capture``, serves both.
   module path joined with ``/`` (``'hidden_0'``, ``'block_0_0/conv_0'``), its path in
   ``params``.
 - **nnx**: ``nnx_functional(model)`` splits a module into ``(apply_fn, params)`` with ``params``
-  a plain nested dict of the ``nnx.Param`` values (``nnx.split`` then ``to_pure_dict``), so
+  a plain nested dict of the ``nnx.Param`` values (``nnx.split`` then ``nnx.to_pure_dict``), so
   every function of this library that takes ``apply_fn(params, inputs)`` and ``params`` takes
   it, and ``optax`` and orbax see an ordinary pytree. A layer is named by its attribute path
   (``'hidden_0'``, ``'layers/0'``). ``nnx.Linear``/``nnx.Conv`` store their kernel and bias
@@ -73,10 +73,13 @@ def layer_names(layers: Layers) -> tuple[str, ...] | None:
 
 
 def _changed_variables(before: nnx.State, after: nnx.State) -> list[str]:
-    """Paths of the variables whose value object was replaced between two states."""
+    """Paths of the variables whose value was assigned between two states (by identity: an
+    assignment, even of equal values, makes a new array)."""
     old = dict(jax.tree_util.tree_leaves_with_path(before))
-    return [jax.tree_util.keystr(path) for path, leaf in
-            jax.tree_util.tree_leaves_with_path(after) if old.get(path) is not leaf]
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path
+                                 if getattr(k, "name", None) != "value")
+    return [name(path) for path, leaf in jax.tree_util.tree_leaves_with_path(after)
+            if old.get(path) is not leaf]
 
 
 def nnx_functional(model: nnx.Module) -> tuple[ApplyFn, dict[str, Any]]:
@@ -93,18 +96,20 @@ def nnx_functional(model: nnx.Module) -> tuple[ApplyFn, dict[str, Any]]:
         ``model.eval()``).
 
     Returns:
-      ``(apply_fn, params)``. To write trained ``params`` back: ``nnx.update(model,
-      nnx.State(params))`` (or ``nnx.replace_by_pure_dict(state, params)``).
+      ``(apply_fn, params)``. To write trained ``params`` back into the model:
+      ``state = nnx.state(model, nnx.Param); nnx.replace_by_pure_dict(state, params);
+      nnx.update(model, state)``.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"nnx_functional takes an nnx.Module, got {type(model).__name__}")
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
 
     def apply_fn(params: Mapping[str, Any], inputs: jax.Array) -> Any:
-        param_state = jax.tree.map(lambda x: x, state)
+        # Fresh Variables (merge shares them, and the forward pass may assign to them).
+        param_state, rest_state = jax.tree.map(lambda x: x, (state, rest))
         nnx.replace_by_pure_dict(param_state, params)
-        module = nnx.merge(graphdef, param_state, rest)
+        module = nnx.merge(graphdef, param_state, rest_state)
         names = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(module)
                  if isinstance(node, NNX_LAYERS)}
         token = _NNX_NAMES.set(names)
@@ -189,9 +194,11 @@ class _Capture:
         self.perturbations = perturbations
         self.inputs: dict[str, jax.Array] = {}
         self.outputs: dict[str, jax.Array] = {}
+        self.seen: list[str] = []
 
     def record(self, module: Any, name: str, call: Callable[[], jax.Array],
                inputs: jax.Array) -> jax.Array:
+        self.seen.append(name)
         if self.layers is not None and name not in self.layers:
             return call()
         if name in self.inputs:
@@ -243,14 +250,14 @@ def intercept(capture: _Capture) -> Iterator[None]:
             cls.__call__ = original
 
 
-def _check_found(found: Collection[str], layers: tuple[str, ...] | None) -> None:
-    if not found and layers is None:
+def _check_found(capture: _Capture) -> None:
+    if not capture.seen:
         raise ValueError(f"the model has no Dense or Conv layer: searched for {SEARCHED} "
                          "calls in one forward pass of apply_fn")
-    missing = sorted(set(layers or ()) - set(found))
-    if missing or not found:
-        raise ValueError(f"unknown layers {missing or list(layers or ())}; the model's Dense "
-                         f"and Conv layers are {sorted(found)}")
+    missing = sorted(set(capture.layers or ()) - set(capture.inputs))
+    if missing or not capture.inputs:
+        raise ValueError(f"unknown layers {missing or list(capture.layers or ())}; the model's "
+                         f"Dense and Conv layers are {sorted(set(capture.seen))}")
 
 
 def captured(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, layers: Layers,
@@ -260,7 +267,7 @@ def captured(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, layers: Layer
     capture = _Capture(layer_names(layers), transform, perturbations)
     with intercept(capture):
         outputs = model_outputs(apply_fn, params, inputs)
-    _check_found(capture.inputs, capture.layers)
+    _check_found(capture)
     return outputs, capture.inputs, capture.outputs
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from spectral_plasticity.methods.effective_rank import Features, LayerChoice, erank_gradient
+from spectral_plasticity.metrics import check_samples
 
 PyTree = Any
 
@@ -92,6 +93,7 @@ def _erank_term(params: PyTree, features_fn: Callable[[PyTree], Features] | None
                          "every layer), but optax.masked hid some: use spectral_reg(..., "
                          "mask=...) to mask only the L2 term, or mask a spectral_reg with "
                          "erank=0 and add an unmasked one for the ER term")
+    check_samples(jax.eval_shape(features_fn, params))
     return erank_gradient(features_fn, params, layers)
 
 
