@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--train_size", type=int, default=1000)
     parser.add_argument("--eval_size", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--l2", type=float, default=1e-3)

@@ -276,13 +276,10 @@ def captured(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, layers: Layer
 
 
 def _flat_input(module: Any, inputs: jax.Array, name: str) -> jax.Array:
-    """A layer's input as ``(samples, units)``: Dense as is, Conv flattened over locations."""
-    if is_conv(module):
-        return inputs.reshape((-1, inputs.shape[-1]))
-    if inputs.ndim != 2:
-        raise ValueError(f"Dense inputs must be (batch, features); layer {name!r} got "
-                         f"{inputs.shape}")
-    return inputs
+    """A layer's input as ``(samples, units)``: flattened over everything but its last axis
+    (Conv locations, tokens of a Dense applied to a sequence)."""
+    del module, name
+    return inputs.reshape((-1, inputs.shape[-1]))
 
 
 def layer_inputs(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array,
@@ -308,7 +305,8 @@ def layer_inputs(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array,
 
     Returns:
       ``{layer: (batch, d_in)}`` for Dense layers and ``(batch * H * W, c_in)`` for Conv
-      layers (flattened over locations).
+      layers (flattened over locations; any input ``(batch, ..., d_in)`` becomes
+      ``(-1, d_in)``).
     """
     _, found, _ = captured(apply_fn, params, inputs, layers, _flat_input)
     if layers is None:
