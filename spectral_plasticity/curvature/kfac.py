@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from spectral_plasticity.curvature.capture import ApplyFn, Layers, PyTree, layer_names
 from spectral_plasticity.curvature.comparison import compare_spectra
 from spectral_plasticity.curvature.cotangents import LossFn, SampleFn
-from spectral_plasticity.curvature.factors import kfac_factors
+from spectral_plasticity.curvature.factors import KroneckerFactors, kfac_factors
 from spectral_plasticity.curvature.kronecker import block_ranks, kronecker_spectrum
 from spectral_plasticity.curvature.layer_blocks import layer_operator
 
@@ -86,6 +86,23 @@ def _top(values: jax.Array, k: int) -> jax.Array:
     """The first ``k`` of descending ``values``, NaN-padded to length ``k``."""
     return jnp.concatenate([values[:k], jnp.full((max(k - values.size, 0),), jnp.nan,
                                                   values.dtype)])
+
+
+def _factor_metrics(layer: str, factors: KroneckerFactors, eps: float, relative_eps: float,
+                    num_top: int) -> dict[str, jax.Array]:
+    """``kfac_diagnostics``' rank and spectrum entries of one layer."""
+    spectrum = kronecker_spectrum(factors)
+    ranks = block_ranks(spectrum, eps, relative_eps)
+    dtype = spectrum.eigenvalues.dtype
+    return {f"kfac_erank_a/{layer}": ranks.effective_rank_a,
+            f"kfac_erank_g/{layer}": ranks.effective_rank_g,
+            f"kfac_eps_rank_a/{layer}": ranks.epsilon_rank_a,
+            f"kfac_eps_rank_g/{layer}": ranks.epsilon_rank_g,
+            f"kfac_rank_a/{layer}": ranks.rank_a.astype(dtype),
+            f"kfac_rank_g/{layer}": ranks.rank_g.astype(dtype),
+            f"kfac_eps_rank/{layer}": ranks.epsilon_rank_fraction,
+            f"kfac_top_a/{layer}": _top(spectrum.a_eigenvalues, num_top),
+            f"kfac_top_g/{layer}": _top(spectrum.g_eigenvalues, num_top)}
 
 
 def kfac_diagnostics(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, targets: jax.Array,
@@ -121,8 +138,9 @@ def kfac_diagnostics(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, targe
     normalized ``kfac_top_a`` spectrum shows the rest.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs)`` of a flax model, returning outputs or
-        ``(outputs, features)``; BatchNorm models in evaluation mode (see the module docstring).
+      apply_fn: ``apply_fn(params, inputs)`` of a flax model (linen, or nnx through
+        ``nnx_functional``), returning outputs or ``(outputs, features)``; BatchNorm models in
+        evaluation mode (see the module docstring).
       params: the parameters measured.
       inputs, targets: the data set (e.g. the held-out examples of the new task).
       loss_fn: per-example loss ``loss_fn(outputs, targets) -> (N,)`` (convex in the outputs
@@ -160,17 +178,7 @@ def kfac_diagnostics(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, targe
                          f"measured; measured: {sorted(factors)}")
     out = {}
     for index, (layer, layer_factors) in enumerate(sorted(factors.items())):
-        spectrum = kronecker_spectrum(layer_factors)
-        ranks = block_ranks(spectrum, eps, relative_eps)
-        out |= {f"kfac_erank_a/{layer}": ranks.effective_rank_a,
-                f"kfac_erank_g/{layer}": ranks.effective_rank_g,
-                f"kfac_eps_rank_a/{layer}": ranks.epsilon_rank_a,
-                f"kfac_eps_rank_g/{layer}": ranks.epsilon_rank_g,
-                f"kfac_rank_a/{layer}": ranks.rank_a.astype(spectrum.eigenvalues.dtype),
-                f"kfac_rank_g/{layer}": ranks.rank_g.astype(spectrum.eigenvalues.dtype),
-                f"kfac_eps_rank/{layer}": ranks.epsilon_rank_fraction,
-                f"kfac_top_a/{layer}": _top(spectrum.a_eigenvalues, num_top),
-                f"kfac_top_g/{layer}": _top(spectrum.g_eigenvalues, num_top)}
+        out |= _factor_metrics(layer, layer_factors, eps, relative_eps, num_top)
         if layer in compared:
             exact = layer_operator(apply_fn, params, data, loss_fn, layer, chunk_size=chunk_size)
             comparison = compare_spectra(
