@@ -2,8 +2,9 @@
 
 Feature metrics take one layer's features as a matrix ``Phi`` of shape ``(samples, units)``;
 convolutional features ``(batch, H, W, channels)`` are read as ``(batch * H * W, channels)``:
-every spatial position is a sample of the layer's channel units. With singular values
-``sigma_1 >= .. >= sigma_d`` of ``Phi``:
+every spatial position is a sample of the layer's channel units. The features of any flax model
+(linen or nnx, unchanged) are the inputs of its layers: ``curvature.layer_inputs``. With
+singular values ``sigma_1 >= .. >= sigma_d`` of ``Phi``:
 
 - ``effective_rank``: ``exp(H(p))`` with ``p_i = sigma_i / sum_j sigma_j`` (Roy & Vetterli 2007);
   ``n`` for ``I_n``, 1 for a rank-one matrix, invariant to scaling.

@@ -180,6 +180,7 @@ def conv_patches(module: nn.Conv | nnx.Conv, inputs: jax.Array) -> jax.Array:
 
 
 def is_conv(module: Any) -> bool:
+    """True for a linen or nnx convolution."""
     return isinstance(module, nn.Conv | nnx.Conv)
 
 
