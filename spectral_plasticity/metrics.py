@@ -2,8 +2,9 @@
 
 Feature metrics take one layer's features as a matrix ``Phi`` of shape ``(samples, units)``;
 convolutional features ``(batch, H, W, channels)`` are read as ``(batch * H * W, channels)``:
-every spatial position is a sample of the layer's channel units. With singular values
-``sigma_1 >= .. >= sigma_d`` of ``Phi``:
+every spatial position is a sample of the layer's channel units. The features of any flax model
+(linen or nnx, unchanged) are the inputs of its layers: ``curvature.layer_inputs``. With
+singular values ``sigma_1 >= .. >= sigma_d`` of ``Phi``:
 
 - ``effective_rank``: ``exp(H(p))`` with ``p_i = sigma_i / sum_j sigma_j`` (Roy & Vetterli 2007);
   ``n`` for ``I_n``, 1 for a rank-one matrix, invariant to scaling.
@@ -27,6 +28,7 @@ Parameter metrics: ``weight_norm`` (global L2 norm), ``distance_from_init``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +53,21 @@ def feature_matrix(features: jax.Array) -> jax.Array:
                      f"{features.shape}")
 
 
+def check_samples(features: Mapping[str, Any]) -> None:
+    """Raises unless every layer's features (arrays or shape structs) hold 2 samples or more.
+
+    One sample has one singular value: its effective rank is 1 whatever the network, and an
+    ascent on it has zero gradient.
+    """
+    for layer, value in features.items():
+        shape = tuple(value.shape)
+        samples = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+        if samples < 2:
+            raise ValueError(f"the effective rank of layer {layer!r} needs features of 2 samples "
+                             f"or more, got shape {shape}: one sample's effective rank is 1 "
+                             "whatever the model; pass a batch of 2 examples or more")
+
+
 def singular_values(features: jax.Array) -> jax.Array:
     """Singular values of ``feature_matrix(features)``, descending."""
     return linalg.svdvals(feature_matrix(features))
@@ -58,6 +75,7 @@ def singular_values(features: jax.Array) -> jax.Array:
 
 def effective_rank(features: jax.Array) -> jax.Array:
     """Roy & Vetterli effective rank ``exp(-sum p_i log p_i)``, ``p = sigma / sum(sigma)``."""
+    check_samples({"features": feature_matrix(features)})
     sigma = singular_values(features)
     p = sigma / jnp.maximum(jnp.sum(sigma), _EPS)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))

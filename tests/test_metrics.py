@@ -75,3 +75,14 @@ def test_bad_inputs():
         metrics.srank(jnp.ones((3, 3)), delta=1.5)
     with pytest.raises(ValueError, match="tau must be non-negative"):
         metrics.dormant_fraction(jnp.ones((3, 3)), tau=-1)
+
+
+def test_effective_rank_refuses_one_sample_but_not_one_image():
+    with pytest.raises(ValueError, match=r"layer 'features' needs features of 2 samples or more, "
+                                         r"got shape \(1, 6\)"):
+        metrics.effective_rank(jnp.ones((1, 6)))
+    with pytest.raises(ValueError, match="layer 'hidden_0'"):
+        metrics.check_samples({"hidden_1": jnp.ones((4, 3)), "hidden_0": jnp.ones((1, 3))})
+    image = jax.random.normal(jax.random.key(0), (1, 3, 3, 4))  # 9 locations are 9 samples
+    np.testing.assert_allclose(metrics.effective_rank(image),
+                               metrics.effective_rank(image.reshape((9, 4))), rtol=1e-6)

@@ -17,7 +17,7 @@ def _with_singular_values(sigma, rows=64, seed=0):
 
 
 def test_effective_rank_of_identities_and_a_wide_matrix_against_numpy():
-    for n in (1, 6):
+    for n in (2, 6):  # one sample is refused (test_metrics)
         np.testing.assert_allclose(metrics.effective_rank(jnp.eye(n)), n, rtol=1e-5)
     # Fewer samples than units: at most `samples` nonzero singular values.
     wide = np.asarray(jax.random.normal(jax.random.key(1), (3, 10)))

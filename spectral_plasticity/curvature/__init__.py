@@ -1,32 +1,40 @@
 """What the paper measures: Hessian and GGN products, Lanczos, spectra, epsilon-rank; KFAC
 factors and their spectra, the loss-weighted Gram matrix, the dead-unit rank bound."""
 
-from spectral_plasticity.curvature.dead_units import DeadUnitBound, dead_unit_bound, dead_units
-from spectral_plasticity.curvature.gram import loss_weighted_gram, psd_sqrt
-from spectral_plasticity.curvature.kfac import (
-    BlockRanks,
-    KroneckerFactors,
-    KroneckerSpectrum,
+from spectral_plasticity.curvature.capture import (
     LayerStatistics,
-    SpectrumComparison,
-    block_ranks,
-    compare_spectra,
     conv_patches,
-    kfac_diagnostics,
-    kfac_factors,
-    kfac_matrix,
-    kfac_operator,
-    kronecker_spectrum,
-    layer_matrix,
-    layer_operator,
+    layer_inputs,
     layer_statistics,
-    numerical_rank,
+    nnx_functional,
+)
+from spectral_plasticity.curvature.comparison import (
+    SpectrumComparison,
+    compare_spectra,
+    wasserstein_distance,
+)
+from spectral_plasticity.curvature.cotangents import (
     output_cotangents,
-    relative_epsilon_rank,
     sample_categorical,
     sample_gaussian,
+)
+from spectral_plasticity.curvature.dead_units import DeadUnitBound, dead_unit_bound, dead_units
+from spectral_plasticity.curvature.factors import (
+    KroneckerFactors,
+    kfac_factors,
+    kfac_matrix,
+    layer_matrix,
+)
+from spectral_plasticity.curvature.gram import loss_weighted_gram, psd_sqrt
+from spectral_plasticity.curvature.kfac import kfac_diagnostics
+from spectral_plasticity.curvature.kronecker import (
+    BlockRanks,
+    KroneckerSpectrum,
+    block_ranks,
+    kronecker_spectrum,
+    numerical_rank,
+    relative_epsilon_rank,
     spectrum_effective_rank,
-    wasserstein_distance,
 )
 from spectral_plasticity.curvature.lanczos import (
     LanczosResult,
@@ -35,6 +43,7 @@ from spectral_plasticity.curvature.lanczos import (
     ritz_pairs,
     tridiagonal,
 )
+from spectral_plasticity.curvature.layer_blocks import kfac_operator, layer_operator
 from spectral_plasticity.curvature.operators import (
     CurvatureOperator,
     chunk_dataset,
@@ -88,10 +97,12 @@ __all__ = [
     "kfac_operator",
     "kronecker_spectrum",
     "lanczos",
+    "layer_inputs",
     "layer_matrix",
     "layer_operator",
     "layer_statistics",
     "loss_weighted_gram",
+    "nnx_functional",
     "numerical_rank",
     "output_cotangents",
     "psd_sqrt",

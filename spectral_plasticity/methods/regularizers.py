@@ -7,7 +7,7 @@ optimizer" transforms change the gradient ``g``; "after the optimizer" ones chan
 update ``u`` (a parameter step) and belong last in the chain.
 
 - ``spectral_reg`` (L2-ER, He et al. 2025), before: ``g + lambda theta - beta grad mean_l
-  erank(Phi_l)``.
+  erank(Phi_l)``, its L2 term ``optax.add_decayed_weights`` (schedules, ``mask``).
 - ``l2_init`` (Kumar et al. 2023, "Maintaining plasticity via regenerative regularization"),
   before: ``g + lambda (theta - theta_0)``.
 - ``spectral_norm_reg`` (Lewandowski et al. 2025, "Learning continually by spectral
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from spectral_plasticity.methods.effective_rank import Features, LayerChoice, erank_gradient
+from spectral_plasticity.metrics import check_samples
 
 PyTree = Any
 
@@ -68,12 +69,39 @@ def _is_kernel(path: tuple[Any, ...], leaf: jax.Array) -> bool:
 
 
 class SpectralRegState(NamedTuple):
-    """``spectral_reg`` keeps no statistics (the state exists for optax's interface)."""
+    """The state of the L2 part (``optax.add_decayed_weights``: a step count for a schedule)."""
+
+    l2: optax.OptState
 
 
-def spectral_reg(l2: float = 1e-3, erank: float = 1e-2, *, layers: LayerChoice = "all",
-                 decoupled: bool = False) -> optax.GradientTransformationExtraArgs:
-    """L2-ER: L2 on all parameters plus ascent on the effective rank of hidden features.
+def _under_mask(params: PyTree) -> bool:
+    """True when ``params`` come from ``optax.masked`` (masked-out leaves are ``MaskedNode``)."""
+    return any(isinstance(leaf, optax.MaskedNode) for leaf in
+               jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+
+
+def _erank_term(params: PyTree, features_fn: Callable[[PyTree], Features] | None,
+                layers: LayerChoice) -> PyTree:
+    """``grad_theta mean_l erank(Phi_l(theta))``, with the errors a user can run into."""
+    if features_fn is None:
+        raise ValueError("spectral_reg with erank > 0 needs the extra argument "
+                         "features_fn=lambda params: model features on the batch, e.g. "
+                         "lambda p: layer_inputs(apply_fn, p, x) (a traced erank, e.g. under "
+                         "optax.inject_hyperparams, counts as > 0)")
+    if _under_mask(params):
+        raise ValueError("spectral_reg's ER term needs all the params (the features depend on "
+                         "every layer), but optax.masked hid some: use spectral_reg(..., "
+                         "mask=...) to mask only the L2 term, or mask a spectral_reg with "
+                         "erank=0 and add an unmasked one for the ER term")
+    check_samples(jax.eval_shape(features_fn, params))
+    return erank_gradient(features_fn, params, layers)
+
+
+def spectral_reg(l2: optax.ScalarOrSchedule = 1e-3, erank: float | jax.Array = 1e-2, *,
+                 layers: LayerChoice = "all", decoupled: bool = False,
+                 mask: PyTree | Callable[[PyTree], PyTree] | None = None
+                 ) -> optax.GradientTransformationExtraArgs:
+    """L2-ER: L2 on the parameters plus ascent on the effective rank of hidden features.
 
     Coupled (default, as the paper; place before the optimizer)::
 
@@ -84,26 +112,34 @@ def spectral_reg(l2: float = 1e-3, erank: float = 1e-2, *, layers: LayerChoice =
 
         u <- u - l2 * theta + erank * grad_theta mean_l erank(Phi_l(theta))
 
-    The features come from the extra argument ``features_fn``: a function of the parameters
-    returning the model's features dict on the current batch, e.g.
-    ``lambda p: model.apply({'params': p}, x)[1]``. It is required when ``erank > 0``.
-    (For the joint objective in a single backward pass, add ``beta * erank_penalty(features)``
-    to the loss instead and use ``erank=0`` here.)
+    The L2 term is ``optax.add_decayed_weights(l2, mask)`` (``-l2`` when decoupled): ``l2`` may
+    be a schedule of the step count and ``mask`` restricts it (e.g. no L2 on biases). The
+    features come from the extra argument ``features_fn``: a function of the parameters
+    returning a dict of hidden features on the current batch, e.g. ``lambda p:
+    layer_inputs(apply_fn, p, x)`` for any flax model (``curvature.layer_inputs``; nnx models
+    through ``nnx_functional``) or ``lambda p: model.apply({'params': p}, x)[1]`` for ours.
+    It is required unless ``erank`` is a Python 0. (For the joint objective in a single
+    backward pass, add ``beta * erank_penalty(features)`` to the loss and use ``erank=0``.)
+    Strengths may be traced (``jax.vmap`` sweeps, ``optax.inject_hyperparams``).
 
     Args:
-      l2: L2 strength ``lambda >= 0``.
+      l2: L2 strength ``lambda >= 0``, or a schedule ``step -> lambda``.
       erank: ER strength ``beta >= 0``.
       layers: ``"all"`` hidden layers, ``"last_two"``, or layer names.
       decoupled: apply both terms after the optimizer (see above).
+      mask: a pytree of bools like the params (or a function of the params returning one):
+        True where L2 applies (``optax.add_decayed_weights``'s ``mask``). The ER term always
+        acts on every parameter.
 
     Reference: He, Guo, Prakash et al. (2025), arXiv 2509.22335.
     """
-    _check_non_negative(l2=l2, erank=erank)
+    _check_non_negative(erank=erank, **({} if callable(l2) else {"l2": l2}))
     sign = -1.0 if decoupled else 1.0
+    signed_l2 = (lambda count: sign * l2(count)) if callable(l2) else -l2 if decoupled else l2
+    decay = optax.add_decayed_weights(signed_l2, mask)
 
     def init_fn(params: PyTree) -> SpectralRegState:
-        del params
-        return SpectralRegState()
+        return SpectralRegState(l2=decay.init(params))
 
     def update_fn(updates: PyTree, state: SpectralRegState, params: PyTree | None = None, *,
                   features_fn: Callable[[PyTree], Features] | None = None,
@@ -111,15 +147,11 @@ def spectral_reg(l2: float = 1e-3, erank: float = 1e-2, *, layers: LayerChoice =
         del extra_args
         if params is None:
             raise ValueError("spectral_reg needs params: call update(grads, state, params, ...)")
-        if not _is_zero(l2):
-            updates = jax.tree.map(lambda u, p: u + sign * l2 * p, updates, params)
+        updates, l2_state = decay.update(updates, state.l2, params)
         if not _is_zero(erank):
-            if features_fn is None:
-                raise ValueError("spectral_reg with erank > 0 needs the extra argument "
-                                 "features_fn=lambda params: model features on the batch")
-            grads = erank_gradient(features_fn, params, layers)
+            grads = _erank_term(params, features_fn, layers)
             updates = jax.tree.map(lambda u, g: u - sign * erank * g, updates, grads)
-        return updates, state
+        return updates, SpectralRegState(l2=l2_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
