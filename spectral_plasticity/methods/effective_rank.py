@@ -15,21 +15,24 @@ L2 penalty. Two forms are in use (He et al. 2025 and their code):
 
 Layer selection ``layers``: ``"all"`` hidden layers, ``"last_two"``, or explicit layer names.
 
-**Gradient.** ``feature_effective_rank`` (what both forms use) has ``metrics.effective_rank``'s
-value and a closed-form gradient. With the thin SVD ``Phi = U diag(sigma) V^T``,
-``S = sum_i sigma_i``, ``p_i = sigma_i / S``, ``H = -sum_i p_i log p_i`` and ``erank = exp(H)``:
+**Gradient.** ``feature_effective_rank`` (what both forms use) is ``metrics.effective_rank``
+with a closed-form gradient. With the thin SVD ``Phi = U diag(sigma) V^T``, ``S = sum_i
+sigma_i``, ``p_i = sigma_i / S``, ``H = -sum_i p_i log p_i`` and ``erank = exp(H)``:
 
     d erank / d Phi = U diag(g) V^T,   g_i = erank (-log p_i - H) / S   for sigma_i > 0,
 
-and ``g_i = 0`` for ``sigma_i = 0``: there the effective rank is not differentiable (``sigma_i =
-|t|`` along ``u_i v_i^T``, a slope of ``+inf`` on both sides) and ``u_i, v_i`` are arbitrary, so
-the gradient is that of the positive singular values; it stays finite with dead units and
-repeated singular values. A ``B x d`` matrix far from square is first reduced to its
-``m x m`` triangular factor (``m = min(B, d)``; a QR decomposition of the long side), whose
-SVD is what is computed. (The eigenvalues of the smaller Gram matrix ``Phi Phi^T`` would be
-cheaper, but in float32 they carry an error of ``eps * sigma_max^2``, i.e. singular values off
-by up to ``sqrt(eps) sigma_max``: on a ReLU MLP's features, whose spectra span four decades,
-that moved the effective rank by 1e-3 relative, against 3e-7 for the SVD; docs/SPEED.md.)
+and ``g_i = 0`` for ``sigma_i = 0``. Singular values at the rounding level, ``<= max(B, d) *
+eps * sigma_max`` (``numpy.linalg.matrix_rank``'s tolerance), count as 0: they change the value
+by about ``eps`` relative, and their ``u_i, v_i`` are rounding noise. At a zero singular value the
+effective rank is not differentiable (``sigma_i = |t|`` along ``u_i v_i^T``: slope ``+inf``
+both ways) and ``u_i, v_i`` are arbitrary, so the gradient is that of the positive singular
+values: finite with dead units, duplicated examples and repeated singular values, and equal to
+the SVD's on their singular vectors. A ``B x d`` matrix far from square is first reduced to the
+``m x m`` triangular factor of a QR decomposition of its long side (``m = min(B, d)``). (The
+eigenvalues of the smaller Gram matrix ``Phi Phi^T`` would be cheaper, but in float32 they are
+off by ``eps * sigma_max^2``, singular values by up to ``sqrt(eps) sigma_max``: on a ReLU MLP's
+features, whose spectrum spans four decades, that moved the effective rank by 1e-3 relative,
+against 3e-7 for the SVD; docs/SPEED.md.)
 """
 
 from __future__ import annotations
@@ -90,8 +93,11 @@ def _check_features(features: jax.Array) -> None:
                          "rank 1 whatever the parameters (raise erank_batch or the batch size)")
 
 
-def _entropy_rank(sigma: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``exp(H(sigma / sum sigma))`` and its gradient ``g`` with respect to ``sigma``."""
+def _entropy_rank(sigma: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
+    """``exp(H(sigma / sum sigma))`` and its gradient ``g`` with respect to ``sigma``
+    (descending singular values of a ``rows x cols`` matrix; those at the rounding level count
+    as zero)."""
+    sigma = jnp.where(sigma > max(rows, cols) * jnp.finfo(sigma.dtype).eps * sigma[0], sigma, 0.0)
     total = jnp.sum(sigma)
     total = jnp.where(total > 0, total, 1.0)
     p = sigma / total
@@ -126,16 +132,17 @@ def feature_effective_rank(features: jax.Array) -> jax.Array:
       features: ``(batch, units)`` or ``(batch, H, W, channels)``, a batch of at least 2.
     """
     _check_features(features)
-    sigma = jnp.linalg.svd(feature_matrix(features), compute_uv=False)
-    return _entropy_rank(sigma)[0]
+    phi = feature_matrix(features)
+    return _entropy_rank(jnp.linalg.svd(phi, compute_uv=False), *phi.shape)[0]
 
 
 @feature_effective_rank.defjvp
 def _feature_effective_rank_jvp(primals, tangents):
     (features,), (direction,) = primals, tangents
     _check_features(features)
-    u, sigma, vt = _svd(feature_matrix(features))
-    erank, g = _entropy_rank(sigma)
+    phi = feature_matrix(features)
+    u, sigma, vt = _svd(phi)
+    erank, g = _entropy_rank(sigma, *phi.shape)
     grad = (u * g) @ vt
     return erank, jnp.sum(grad.reshape(features.shape) * direction)
 
