@@ -79,7 +79,7 @@ from spectral_plasticity.curvature.operators import (
     dataset_operator,
     model_outputs,
 )
-from spectral_plasticity.curvature.spectrum import epsilon_rank
+from spectral_plasticity.curvature.spectrum import epsilon_count
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], Any]
@@ -518,7 +518,7 @@ def block_ranks(spectrum: KroneckerSpectrum, eps: float, relative_eps: float = 1
       eps: absolute threshold of the block's epsilon-rank (He et al. use 0.01-0.08).
       relative_eps: relative threshold of the factors' epsilon-ranks.
     """
-    count = epsilon_rank(spectrum.eigenvalues, eps)
+    count = epsilon_count(spectrum.eigenvalues, eps)
     rank_a = numerical_rank(spectrum.a_eigenvalues)
     rank_g = numerical_rank(spectrum.g_eigenvalues)
     return BlockRanks(
