@@ -430,8 +430,11 @@ def epsilon_count(eigenvalues: jax.Array, eps: float | jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(jnp.asarray(eigenvalues)) > eps)
 
 
+# One prefix for all, so that a trainer's rows group them (and NaN-filled unmeasured rows
+# are recognized by it).
 EPSILON_RANK_COLUMNS = ("epsilon_rank", "epsilon_rank_lo", "epsilon_rank_hi", "epsilon_rank_se",
-                        "smoothed_epsilon_rank", "smoothing_sigma", "kernel_tail")
+                        "epsilon_rank_smoothed", "epsilon_rank_smoothing_sigma",
+                        "epsilon_rank_kernel_tail")
 
 
 def epsilon_rank_record(density: SpectralDensity, eps: float | jax.Array
@@ -440,8 +443,9 @@ def epsilon_rank_record(density: SpectralDensity, eps: float | jax.Array
 
     ``epsilon_rank`` (the quadrature estimate), ``epsilon_rank_lo``/``_hi`` (the interval of
     ``FractionBounds.interval()``: certain quadrature bounds widened by 2 standard errors),
-    ``epsilon_rank_se``, and the paper code's ``smoothed_epsilon_rank`` with its kernel's
-    ``smoothing_sigma`` and zero-node ``kernel_tail``.
+    ``epsilon_rank_se``, and the paper code's measure ``epsilon_rank_smoothed``
+    (``smoothed_epsilon_rank``) with its kernel's ``epsilon_rank_smoothing_sigma`` and zero-node
+    tail ``epsilon_rank_kernel_tail``.
     """
     bounds = epsilon_rank_bounds(density, eps)
     lo, hi = bounds.interval()
