@@ -13,8 +13,12 @@ its Hessian (``hessian_operator``, optionally restricted with ``layers``).
   authors' settings).
 - ``hessian_trace``: Hutchinson's estimator ``tr(H) ~ mean_k z_k^T H z_k`` with Rademacher
   ``z_k`` (Hutchinson 1989), with its standard error.
-- ``epsilon_rank``: the count ``#{i : |lambda_i| > eps}`` from eigenvalues, or the paper's
-  fraction of spectral-density mass outside ``[-eps, eps]`` (He et al. 2025, Def. 1).
+- ``epsilon_rank``: the paper's fraction of eigenvalues with ``|lambda| > eps`` (He et al.
+  2025, Def. 1), estimated from the quadrature's nodes and weights; ``epsilon_rank_bounds``
+  adds certain Chebyshev-Markov-Stieltjes bounds and the probes' standard error;
+  ``smoothed_epsilon_rank`` is the paper code's kernel-smoothed measure, with its kernel's tail;
+  ``epsilon_count`` counts ``#{i : |lambda_i| > eps}`` in an array of eigenvalues;
+  ``epsilon_rank_record`` gives every column a trainer records (docs/MEASURING.md).
 - ``fast_threshold`` and ``tau_trainability``: gradient descent with step ``eta`` shrinks the
   error along an eigendirection of eigenvalue ``lambda`` by ``(1 - eta lambda)`` per step, so
   within ``K`` steps by at least the factor ``gamma`` iff ``lambda >= (1 - gamma^(1/K)) / eta``.
@@ -407,10 +411,11 @@ def smoothed_epsilon_rank(density: SpectralDensity, eps: float | jax.Array
 
     Each Ritz node is a Gaussian of the density's variance ``sigma^2``, integrated in closed
     form: ``mean_probes sum_i w_i [Phi((-eps - theta_i)/sigma) + 1 - Phi((eps - theta_i)/sigma)]``.
-    A node at 0 alone contributes its weight times the kernel's tail ``2 (1 - Phi(eps/sigma))``:
-    when ``eps <= 3 sigma`` that tail is over 0.27 of the node's weight, and the number mostly
-    measures the kernel (which ``sigma``, set by the spectrum's width, controls), not the
-    spectrum near 0. Use ``epsilon_rank`` for the spectrum.
+    A node at 0 alone contributes its weight times the kernel's tail ``2 (1 - Phi(eps/sigma))``
+    (0.32 at ``eps = sigma``, 0.046 at ``2 sigma``, 0.003 at ``3 sigma``), and nodes within a
+    few ``sigma`` of ``+-eps`` leak across it: with most of a network's spectrum near 0, when
+    ``eps <= 3 sigma`` the number can be mostly kernel (``sigma`` is set by the spectrum's
+    width), not spectrum (docs/MEASURING.md). Use ``epsilon_rank`` for the spectrum.
 
     Returns:
       ``(smoothed_rank, sigma, tail)`` with ``tail = 2 (1 - Phi(eps / sigma))``.

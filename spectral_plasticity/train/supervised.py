@@ -90,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.measure_hessian = True
     c.hessian = ml_collections.ConfigDict({
         "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500,
-        "num_probes": 4})
+        "num_probes": 2})
     # compare_layers: the layers whose KFAC spectrum is compared with their exact GGN block
     # (Lanczos); ("all",) for every layer, () for none.
     c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
