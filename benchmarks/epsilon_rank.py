@@ -14,7 +14,7 @@ Lanczos steps, and one training task; and prints the interval's half-width at se
 Gaussian inputs if the data set is absent; SGD, batch 10) over ``--figure-tasks`` tasks; at each
 new task's initialization the exact fraction ``|lambda| > eps`` (dense ``jax.hessian`` + float64
 ``eigh`` on 300 held-out images), the estimate with its interval and the smoothed measure.
-About 3 minutes on 2 CPU cores.
+It took 25 minutes on the shared 2-core machine at a load average of about 20.
 """
 
 from __future__ import annotations
