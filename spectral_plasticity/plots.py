@@ -7,7 +7,8 @@ densities in ``arrays/``) under ``workdir`` and writes PNGs to ``workdir/plots``
   setting), with a 95% confidence band over seeds (Student t);
 - ``spectral_density.png``: the Hessian spectral density of the new task's loss at its
   initialization, at chosen tasks, per method (log density);
-- ``epsilon_rank.png``: the epsilon-rank at new-task initialization over tasks;
+- ``epsilon_rank.png``: the epsilon-rank at new-task initialization over tasks, with its
+  interval (``epsilon_rank_lo``/``_hi``, dotted) where recorded;
 - ``epsilon_rank_vs_performance.png``: epsilon-rank against performance, every (run, task), with
   the R^2 of a linear fit per method and overall;
 - ``features.png``: the mean effective rank of hidden features and the dormant fraction.
@@ -130,6 +131,60 @@ def _plot_over_rows(ax, tables, metric, columns) -> bool:
     return bool(curves)
 
 
+def interval_columns(metric: str) -> tuple[str, str]:
+    """The interval columns of an epsilon-rank column: ``epsilon_rank_init`` ->
+    (``epsilon_rank_lo_init``, ``epsilon_rank_hi_init``) as the trainers record them."""
+    base, _, when = metric.rpartition("_")
+    return f"{base}_lo_{when}", f"{base}_hi_{when}"
+
+
+def _draw_intervals(ax, tables, metric, columns) -> None:
+    """Each curve's interval (certain quadrature bounds +- 2 probe standard errors), averaged
+    over seeds, as dotted lines in the curve's colour; nothing where the columns are absent."""
+    colours = {line.get_label(): line.get_color() for line in ax.get_lines()}
+    for method, table in tables.items():
+        if not set(interval_columns(metric)) <= set(table):
+            continue
+        for end in interval_columns(metric):
+            for suffix, rows, matrix in _curves(table, end, columns):
+                keep = np.isfinite(matrix).any(axis=0)
+                ax.plot(rows[keep], np.nanmean(matrix[:, keep], axis=0), ":", linewidth=1,
+                        color=colours.get(_label(method, suffix)))
+
+
+def epsilon_rank_figure(results: dict[str, np.ndarray], eps_values: tuple[float, ...],
+                        path: str | Path) -> Path:
+    """The measuring figure: per eps, across tasks, the exact fraction of ``|lambda| > eps``,
+    the quadrature estimate with its interval, the smoothed measure and its kernel's tail.
+
+    Args:
+      results: ``exact``, ``epsilon_rank``, ``epsilon_rank_lo``, ``epsilon_rank_hi``,
+        ``epsilon_rank_smoothed``, ``epsilon_rank_kernel_tail``, each ``(tasks, len(eps))``,
+        and ``epsilon_rank_smoothing_sigma`` (as ``benchmarks/epsilon_rank.py --figure``).
+      eps_values: the thresholds of the columns.
+      path: the PNG to write.
+    """
+    fig, axes = plt.subplots(1, len(eps_values), figsize=(5 * len(eps_values), 3.8),
+                             squeeze=False)
+    tasks = np.arange(results["exact"].shape[0])
+    sigma = results["epsilon_rank_smoothing_sigma"][:, 0]
+    for i, (ax, eps) in enumerate(zip(axes[0], eps_values, strict=True)):
+        ax.plot(tasks, results["exact"][:, i], "k-o", ms=3, label="exact (dense eigh)")
+        ax.plot(tasks, results["epsilon_rank"][:, i], "C0-s", ms=3, label="estimate")
+        ax.fill_between(tasks, results["epsilon_rank_lo"][:, i], results["epsilon_rank_hi"][:, i],
+                        color="C0", alpha=0.2, label="interval")
+        ax.plot(tasks, results["epsilon_rank_smoothed"][:, i], "C3--", label="smoothed (paper)")
+        ax.plot(tasks, results["epsilon_rank_kernel_tail"][:, i], "C7:",
+                label="kernel tail 2(1-Phi(eps/sigma))")
+        ax.set_title(f"eps = {eps}: eps / sigma from {eps / sigma.max():.1f} to "
+                     f"{eps / sigma.min():.1f}", fontsize=9)
+        ax.set_xlabel("task (at its initialization)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0, 0].set_ylabel("fraction of |lambda| > eps")
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -162,8 +217,10 @@ def plot_experiment(workdir: str | Path, config: Any = None,
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if _plot_over_rows(ax, tables, columns.epsilon_rank, columns):
+        _draw_intervals(ax, tables, columns.epsilon_rank, columns)
         ax.set_ylabel("epsilon-rank at new-task init")
-        ax.set_title(f"Hessian epsilon-rank over {columns.row}s (mean, 95% CI)")
+        ax.set_title(f"Hessian epsilon-rank over {columns.row}s (mean, 95% CI; dotted: mean "
+                     "interval)", fontsize=9)
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "epsilon_rank.png"))
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from spectral_plasticity import linalg
 
 from spectral_plasticity.curvature.factors import KroneckerFactors
-from spectral_plasticity.curvature.spectrum import epsilon_rank
+from spectral_plasticity.curvature.spectrum import epsilon_count
 
 
 class KroneckerSpectrum(NamedTuple):
@@ -108,7 +108,7 @@ def block_ranks(spectrum: KroneckerSpectrum, eps: float, relative_eps: float = 1
       eps: absolute threshold of the block's epsilon-rank (He et al. use 0.01-0.08).
       relative_eps: relative threshold of the factors' epsilon-ranks.
     """
-    count = epsilon_rank(spectrum.eigenvalues, eps)
+    count = epsilon_count(spectrum.eigenvalues, eps)
     rank_a = numerical_rank(spectrum.a_eigenvalues)
     rank_g = numerical_rank(spectrum.g_eigenvalues)
     return BlockRanks(

@@ -60,7 +60,7 @@ import ml_collections
 import optax
 
 from spectral_plasticity import metrics, schema
-from spectral_plasticity.curvature import epsilon_rank, spectral_density
+from spectral_plasticity.curvature import epsilon_rank_record, spectral_density
 from spectral_plasticity.methods.method import StepInputs
 from spectral_plasticity.models import unit_layers
 from spectral_plasticity.rl import envs as envs_lib
@@ -184,7 +184,8 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
     c.optimizer = ml_collections.ConfigDict({
         "name": "adam", "learning_rate": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8})
     c.measure_hessian = True
-    c.hessian = ml_collections.ConfigDict({"num_iters": 100, "grid_size": 10_000, "eps": 0.01})
+    c.hessian = ml_collections.ConfigDict({"num_iters": 100, "grid_size": 10_000, "eps": 0.01,
+                                          "num_probes": 2})
     c.feature_samples = 2048
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
     c.method_settings.l2 = 1e-3  # Dohare et al.'s PPO+L2 weight decay
@@ -441,9 +442,10 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     def curvature(params, batch: Batch, key: jax.Array) -> dict[str, jax.Array]:
         full_batch_loss = lambda prm: loss_fn(prm, batch)[0]
         density = spectral_density(full_batch_loss, params, key=key,
-                                   num_iters=int(hess.num_iters), grid_size=int(hess.grid_size))
+                                   num_iters=int(hess.num_iters),
+                                   num_probes=int(hess.num_probes), grid_size=int(hess.grid_size))
         top = jnp.max(jnp.where(density.weights > 0, density.nodes, -jnp.inf))
-        return {"epsilon_rank": epsilon_rank(density, hess.eps), "top_eigenvalue": top,
+        return {**epsilon_rank_record(density, hess.eps), "top_eigenvalue": top,
                 "density": density.density, "density_grid": density.grid}
 
     def run_phase(state: RunnerState, hparams: Mapping[str, jax.Array]):

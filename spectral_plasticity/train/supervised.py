@@ -35,8 +35,9 @@ import optax
 
 from spectral_plasticity import metrics, schema
 from spectral_plasticity.curvature import (
+    EPSILON_RANK_COLUMNS,
     dataset_operator,
-    epsilon_rank,
+    epsilon_rank_record,
     kfac_diagnostics,
     spectral_density,
 )
@@ -84,7 +85,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.tasks_per_chunk = 5
     c.measure_hessian = True
     c.hessian = ml_collections.ConfigDict({
-        "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500})
+        "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500,
+        "num_probes": 2})
     # compare_layers: the layers whose KFAC spectrum is compared with their exact GGN block
     # (Lanczos); ("all",) for every layer, () for none.
     c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
@@ -201,8 +203,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         apply = lambda p, inputs: predict(p, model_state, inputs)
         op = dataset_operator(apply, loss_fn, params, (x, y), chunk_size=hess.chunk_size)
         density = spectral_density(op, key=key, num_iters=min(hess.num_iters, op.dim),
-                                   grid_size=hess.grid_size)
-        return {"epsilon_rank": epsilon_rank(density, hess.eps),
+                                   num_probes=hess.num_probes, grid_size=hess.grid_size)
+        return {**epsilon_rank_record(density, hess.eps),
                 "top_eigenvalue": jnp.max(jnp.where(density.weights > 0, density.nodes,
                                                     -jnp.inf)),
                 "density": density.density, "density_grid": density.grid}
@@ -210,8 +212,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     def nan_curvature():
         nan = jnp.full((), jnp.nan)
         grid = jnp.full((hess.grid_size,), jnp.nan)
-        return {"epsilon_rank": nan, "top_eigenvalue": nan, "density": grid,
-                "density_grid": grid}
+        return {**dict.fromkeys(EPSILON_RANK_COLUMNS, nan), "top_eigenvalue": nan,
+                "density": grid, "density_grid": grid}
 
     layers = tuple(config.kfac.compare_layers)
     kfac_compare = True if layers == ("all",) else layers

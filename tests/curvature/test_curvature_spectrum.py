@@ -9,9 +9,10 @@ from jax.flatten_util import ravel_pytree
 from spectral_plasticity.curvature import (
     SpectralDensity,
     dataset_operator,
-    epsilon_rank,
+    epsilon_count,
     fast_threshold,
     hessian_trace,
+    smoothed_epsilon_rank,
     spectral_density,
     tau_trainability,
     top_eigenvalues,
@@ -93,7 +94,7 @@ def test_hutchinson_trace_within_standard_error(conv_problem):
     assert abs(float(estimate) - exact) < 4 * float(stderr)
 
 
-def test_epsilon_rank_count_and_density_fraction(mlp_problem):
+def test_epsilon_count_and_smoothed_fraction(mlp_problem):
     dense = mlp_problem.dense_hessian()
     eigenvalues = np.linalg.eigvalsh(dense)
     n = len(eigenvalues)
@@ -106,17 +107,17 @@ def test_epsilon_rank_count_and_density_fraction(mlp_problem):
     ritz_values, _ = jax.jit(lambda q: top_eigenvalues(mlp_problem.loss, q, n,
                                                        key=jax.random.key(2), num_iters=n))(
         mlp_problem.params)
-    assert int(epsilon_rank(ritz_values, eps)) == int(np.sum(np.abs(eigenvalues) > eps))
-    # Density form: on an exactly known measure (all eigenvalues as nodes, equal weights) the
-    # smoothed mass outside [-eps, eps] equals the fraction of eigenvalues there, up to the
-    # kernel's width; it agrees with integrating a finely gridded density.
+    assert int(epsilon_count(ritz_values, eps)) == int(np.sum(np.abs(eigenvalues) > eps))
+    # The paper code's smoothed measure: on an exactly known measure (all eigenvalues as nodes,
+    # equal weights) and a narrow kernel, the smoothed mass outside [-eps, eps] equals the
+    # fraction of eigenvalues there; it agrees with integrating a finely gridded density.
     grid = jnp.linspace(eigenvalues.min() - 0.01, eigenvalues.max() + 0.01, 50_000)
     variance = 1e-8
     density = jnp.mean(jnp.exp(-(grid[:, None] - eigenvalues[None, :]) ** 2 / (2 * variance)),
                        axis=1) / np.sqrt(2 * np.pi * variance)
     spectrum = SpectralDensity(grid, density, jnp.asarray(eigenvalues)[None],
                                jnp.full((1, n), 1.0 / n), jnp.asarray(variance))
-    fraction = float(epsilon_rank(spectrum, eps))
+    fraction = float(smoothed_epsilon_rank(spectrum, eps)[0])
     np.testing.assert_allclose(fraction, np.mean(np.abs(eigenvalues) > eps), atol=1e-3)
     gridded = float(jnp.trapezoid(jnp.where(jnp.abs(grid) > eps, density, 0.0), grid))
     np.testing.assert_allclose(fraction, gridded, atol=5e-3)
@@ -185,7 +186,7 @@ def test_bad_arguments_are_named(mlp_problem):
         spectral_density(lambda q: cross_entropy(p.apply(q, p.inputs)[0], p.labels), p.params,
                          key=jax.random.key(0))
     with pytest.raises(ValueError, match="eps must be non-negative"):
-        epsilon_rank(jnp.ones(3), -1.0)
+        epsilon_count(jnp.ones(3), -1.0)
     with pytest.raises(ValueError, match="gamma must lie in"):
         fast_threshold(0.1, 10, 1.5)
     with pytest.raises(ValueError, match="pass gradient="):
