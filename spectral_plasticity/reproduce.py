@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 import pandas as pd
 from absl import app, flags, logging
 from scipy import stats
 
-from spectral_plasticity import experiment, plots, runtime
+from spectral_plasticity import experiment, plots, preflight, runtime
 
 ALPHA = 0.05
 # Claim 2 counts as reproduced when epsilon-rank explains at least this share of the variance
@@ -265,12 +266,19 @@ def report(workdir: Path, studies: Sequence[Study], scale: str, figures_dir: Pat
     return "\n".join(lines)
 
 
-def run_study(workdir: Path, study: Study, scale: str) -> float:
-    """Runs (or resumes) one study and draws its figures; returns the seconds it took."""
+def study_config(study: Study, scale: str) -> ml_collections.ConfigDict:
+    """The config a study runs: the experiment at ``scale`` with the study's seeds and
+    overrides."""
     config = experiment.load_config(study.experiment, scale)
     config.seeds = study.seeds
     for assignment in study.overrides:
         experiment.apply_override(config, assignment)
+    return config
+
+
+def run_study(workdir: Path, study: Study, scale: str) -> float:
+    """Runs (or resumes) one study and draws its figures; returns the seconds it took."""
+    config = study_config(study, scale)
     run_dir = workdir / f"{study.experiment}-{scale}"
     start = time.perf_counter()
     experiment.train_and_evaluate(config, run_dir, methods=study.methods)
@@ -286,6 +294,9 @@ flags.DEFINE_bool("report_only", False, "Only write the report from the results 
                   "--workdir (no training).")
 flags.DEFINE_string("report", None, "Where the tables are written (default: "
                     "docs/REPRODUCTION_RESULTS.md, or docs/REPRODUCTION_RESULTS_paper.md).")
+flags.DEFINE_enum("preflight", "auto", ["auto", "only", "skip"], "Run every method of every "
+                  "study for one tiny chunk first (spectral_plasticity/preflight.py): auto: at "
+                  "the paper scale; only: that and nothing else; skip: never.")
 
 
 def main(argv: list[str]) -> None:
@@ -297,6 +308,12 @@ def main(argv: list[str]) -> None:
         if unknown:
             raise app.UsageError(f"unknown studies {unknown}; the plan has {sorted(names)}")
         studies = tuple(s for s in studies if s.experiment in FLAGS.only)
+    if FLAGS.preflight == "only" or (FLAGS.preflight == "auto" and FLAGS.scale == "paper"
+                                     and not FLAGS.report_only):
+        preflight.check_plan([(s.experiment, study_config(s, FLAGS.scale), s.methods)
+                              for s in studies])
+        if FLAGS.preflight == "only":
+            return
     workdir = Path(FLAGS.workdir)
     seconds = {}
     for study in () if FLAGS.report_only else studies:

@@ -124,12 +124,16 @@ def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bo
                    activation=m.activation, layer_norm=layer_norm)
     if m.kind == "convnet":
         return ConvNet(num_outputs=stream.num_outputs, activation=m.activation,
-                       layer_norm=layer_norm)
+                       layer_norm=layer_norm, padding=m.get("padding", "VALID"),
+                       kernel_init=m.get("kernel_init", "kaiming_uniform"))
     if m.kind == "resnet18":
-        if layer_norm:
-            raise ValueError("resnet18 is batch-normalized; LayerNorm methods need mlp/convnet")
+        head = tuple(m.get("head_hidden_sizes", ()))
+        if layer_norm and not head:
+            raise ValueError("resnet18 is batch-normalized; LayerNorm methods need its fully "
+                             "connected head (model.head_hidden_sizes), an mlp or a convnet")
         return ResNet18(num_outputs=stream.num_outputs,
-                        stage_channels=tuple(m.get("stage_channels", (64, 128, 256, 512))))
+                        stage_channels=tuple(m.get("stage_channels", (64, 128, 256, 512))),
+                        head_hidden_sizes=head, head_layer_norm=layer_norm)
     raise ValueError(f"unknown model kind {m.kind!r}; choose one of {list(MODEL_KINDS)}")
 
 
