@@ -87,8 +87,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.tasks_per_chunk = 5
     c.measure_hessian = True
+    # data: the new task's Hessian on its "eval" (held-out) examples or on the first
+    # ``examples`` of its "train" presentation order (the paper's epsilon-rank figures).
     c.hessian = ml_collections.ConfigDict({
-        "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500})
+        "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500,
+        "data": "eval"})
+    # head_reset: "stream" (the stream's protocol, e.g. Dohare et al.'s zeroed head on
+    # continual ImageNet, after the start-of-task Hessian), "never", or "before_hessian".
+    c.head_reset = "stream"
     # compare_layers: the layers whose KFAC spectrum is compared with their exact GGN block
     # (Lanczos); ("all",) for every layer, () for none.
     c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
@@ -176,7 +182,22 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     loss_kind = stream.loss
     classification = loss_kind == "cross_entropy"
     hess = config.hessian
-    eval_examples = min(hess.examples, stream.eval_size)
+    hessian_data = hess.get("data", "eval")
+    if hessian_data not in ("eval", "train"):
+        raise ValueError(f"hessian.data must be 'eval' or 'train', got {hessian_data!r}")
+    eval_examples = min(hess.examples, stream.eval_size if hessian_data == "eval"
+                        else stream.train_size)
+    head_reset = config.get("head_reset", "stream")
+    if head_reset not in ("stream", "never", "before_hessian"):
+        raise ValueError(f"head_reset must be 'stream', 'never' or 'before_hessian', got "
+                         f"{head_reset!r}")
+    reset_head_at = ("never" if head_reset == "stream" and not stream.reset_head
+                     else "after_hessian" if head_reset == "stream" else head_reset)
+    window = int(plan.settings["erank_every"]) * config.batch_size
+    if plan.erank_ascent and int(plan.settings["erank_batch"]) != window:
+        raise ValueError(f"erank_batch {plan.settings['erank_batch']} must be erank_every x "
+                         f"batch_size = {window}: the ER step sees the inputs of the batches "
+                         "since the last one")
     er_batch = int(plan.settings["erank_batch"]) if (plan.erank_ascent or plan.needs_features_fn
                                                      or plan.recycling == "redo") else 0
     dummy = jnp.zeros((1, *stream.input_shape), jnp.float32)
@@ -253,15 +274,17 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         task_state = stream.begin_task(stream_key, state.task)
         mask = stream.output_mask(task_state)
         eval_x, eval_y = stream.eval_data(task_state)
-        hess_x, hess_y = eval_x[:eval_examples], eval_y[:eval_examples]
+        hess_x, hess_y = ((eval_x[:eval_examples], eval_y[:eval_examples])
+                          if hessian_data == "eval"
+                          else stream.train_batch(task_state, 0, eval_examples))
         params, model_state, opt_state = state.params, state.model_state, state.opt_state
         k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
         if plan.reset_every_task:
             fresh_params, model_state = init_variables(k_reset)
             params, opt_state = reset_all(fresh_params, tx)
-        if stream.reset_head:  # zeroed, as Dohare et al.'s continual-ImageNet protocol
-            params, opt_state = reset_head(params, opt_state,
-                                           jax.tree.map(jnp.zeros_like, params))
+        zero_head = lambda p, o: reset_head(p, o, jax.tree.map(jnp.zeros_like, p))
+        if reset_head_at == "before_hessian":  # zeroed, as Dohare et al.'s continual ImageNet
+            params, opt_state = zero_head(params, opt_state)
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
         if config.kfac.enabled:
@@ -280,6 +303,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             # finished (all threads asleep; see spectral_plasticity/runtime.py).
             at_init, params, opt_state = jax.lax.optimization_barrier(
                 (at_init, params, opt_state))
+        if reset_head_at == "after_hessian":
+            params, opt_state = zero_head(params, opt_state)
 
         def step(carry, i):
             params, model_state, opt_state, method_state, buffer = carry
