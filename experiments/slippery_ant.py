@@ -38,8 +38,10 @@ def get_config(scale: str = "small"):
         # 10M steps, friction every 2M, 1 env x 2,048 steps, 128 minibatches, 10 epochs,
         # vf_coeff 1, lr 1e-4; rlopt/config.py 33-34, 40, 64 (betas, CBP maturity, clip 0.2).
         config.num_phases, config.steps_per_phase = 5, 2_000_000
+        # Their value loss is clipped and has no factor 0.5 (rlopt/ppo_nonstationary.py
+        # 103-110); ours carries 0.5, so vf_coef 2 is their vf_coeff 1.
         config.ppo.update(num_envs=1, num_steps=2048, num_minibatches=128, update_epochs=10,
-                          vf_coef=2.0)  # our value loss carries 0.5: 2 x 0.5 = their vf_coeff 1
+                          vf_coef=2.0, clip_value=True)
         config.optimizer.update(learning_rate=1e-4, b1=0.9, b2=0.999)
         config.optimizer_by_method = {m: dict(NON_STATIONARY_BETAS) for m in (
             "l2", "er", "l2_er", "cbp_l2", "layernorm_l2", "shrink_perturb")}

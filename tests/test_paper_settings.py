@@ -72,7 +72,7 @@ PROTOCOL = {
     "slippery_ant": {"num_phases": 5, "steps_per_phase": 2_000_000, "ppo.num_envs": 1,
                      "ppo.num_steps": 2048, "ppo.num_minibatches": 128, "ppo.update_epochs": 10,
                      "ppo.gae_lambda": 0.95, "ppo.clip_eps": 0.2, "ppo.ent_coef": 0.01,
-                     "seeds": 5},
+                     "ppo.clip_value": True, "ppo.vf_coef": 2.0, "seeds": 5},
 }
 
 
