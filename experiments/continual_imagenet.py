@@ -1,13 +1,16 @@
 """Continual ImageNet (Dohare et al. 2024; the paper's ConvNet benchmark).
 
-Paper scale (the paper's code, lop-jax ``imagenet/``): 2,000 binary tasks, each a pair of
-32x32 ImageNet classes (600 training and 100 test images per class) trained for 20 epochs,
-batch 100, SGD with momentum 0.9 at step size 1e-4 (L2 1e-3, effective-rank ascent at 1e-4
-every 12 batches on the last two hidden layers over those 12 batches' 1,200 inputs), Dohare et
-al.'s ConvNet with its head reset at every task, the new-task Hessian (100 Lanczos steps, the
-pair's 200 test images) every 10 tasks, 20 seeds. Dohare et al. train 250 epochs per task
-(``stream.epochs_per_task``). Small scale, for a CPU: 10 classes, 10 tasks of 2 epochs at step
-size 1e-2.
+Paper scale (the paper's code, lop-jax ``imagenet/``; file and line of every value in
+``get_config``): 2,000 binary tasks, each a pair of 32x32 ImageNet classes (600 training and
+100 test images per class) trained for 20 epochs, batch 100, SGD with momentum 0.9, the
+ConvNet as lop-jax builds it (SAME padding, LeCun-normal init, a 2,048-wide flatten), no head
+reset, the start-of-task Hessian (100 Lanczos steps) on the pair's 1,200 training images every
+10 tasks with eps 8e-2, the per-method selected values (step size 1e-4, but 1e-3 for L2-ER and
+LayerNorm+L2 and 1e-2 for spectral-norm), 20 seeds. Dohare et al. train 250 epochs per task
+(``stream.epochs_per_task``), zero the head at every task (``head_reset="stream"``, after the
+start-of-task Hessian) and use unpadded convolutions (``model.padding="VALID"``). Small scale,
+for a CPU: 10 classes, 10 tasks of 2 epochs at step size 1e-2, Dohare et al.'s network and head
+reset.
 
 Data: Dohare et al.'s per-class files (``classes/0.npy`` ... ``classes/999.npy``), from the
 Google Drive link of github.com/shibhansh/loss-of-plasticity/tree/main/lop/imagenet, in

@@ -1,18 +1,19 @@
 """Class-incremental CIFAR-100 (Dohare et al. 2024; the paper's ResNet-18 benchmark).
 
-Paper scale (the paper's code, lop-jax ``incremental_cifar/``, after Dohare et al.): 20
-increments of 5 classes, a 100-way ResNet-18 head masked to the classes seen so far, SGD with
-momentum 0.9 at step size 1e-2, batch 100 (L2 1e-3 and effective-rank ascent at 1e-3 every 5
-batches on the last two feature layers for L2-ER), the new-task Hessian (100 Lanczos steps, 500
-held-out images) at every increment, 5 seeds. The references train 200 epochs per increment
-over the growing pool of seen classes; with static shapes every increment here presents the
-same 5,250,000 examples (52,500 steps), their total spread evenly (see
-``spectral_plasticity.tasks.incremental_cifar``). Inputs are normalized and augmented as Dohare
-et al. do (the paper's code does neither: ``stream.normalize=False``, ``stream.augment=False``).
-Dohare et al.'s step size 0.1 with its per-increment schedule and their early stopping are not
-reproduced. Unit recycling (CBP, ReDo) and LayerNorm methods do not apply to a batch-normalized
-ResNet. Small scale, for a CPU: the first 20 classes (4 increments), 2,000 examples each, a
-ResNet-18 with 16-128 channels instead of 64-512.
+Paper scale (the paper's code, lop-jax ``incremental_cifar/``; file and line of every value in
+``get_config``): 20 increments of 5 classes, a 100-way ResNet-18 with the paper's FC512+FC512
+head (LayerNorm on it for LayerNorm+L2), masked to the classes seen so far, SGD with momentum
+0.9 at step size 1e-2, batch 100, effective-rank ascent every 5 batches on the FC head's two
+layers, CBP (rate 1e-6) recycling the FC head's units, the start-of-task Hessian (16 Lanczos
+steps, 2,000 training images, eps 4e-2) at every increment, the per-method selected values,
+5 seeds. The references train 200 epochs per increment over the growing pool of seen classes;
+with static shapes every increment here presents the same 5,250,000 examples (52,500 steps),
+their total spread evenly (see ``spectral_plasticity.tasks.incremental_cifar``). Inputs are
+normalized and augmented as Dohare et al. do (the paper's code does neither:
+``stream.normalize=False``, ``stream.augment=False``). Dohare et al.'s step size 0.1 with its
+per-increment schedule and their early stopping are not reproduced. Deviations from the
+paper's code: docs/REPRODUCTION.md. Small scale, for a CPU: the first 20 classes (4
+increments), 2,000 examples each, a ResNet-18 with 16-128 channels and a linear head.
 
 Data: ``cifar-100-python.tar.gz``, downloaded (md5-checked) into the cache on first use, or
 found in $SPECTRAL_PLASTICITY_DATA/cifar100 or ``stream.data_dir``.
