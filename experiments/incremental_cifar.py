@@ -50,7 +50,7 @@ def get_config(scale: str = "small"):
         # the selected values from scripts/hyperparams/hessian/<method>_hessian.py, lines
         # 5-7: step size 1e-2 for every method, the Hessian every increment, 5 seeds.
         config.stream.update(num_tasks=20, num_classes=100, train_size=5_250_000,
-                             eval_size=2000)
+                             eval_size=2000, hessian_classes="new")
         config.model.stage_channels = (64, 128, 256, 512)
         config.model.head_hidden_sizes = (512, 512)
         config.tasks_per_chunk = 1

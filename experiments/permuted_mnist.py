@@ -38,7 +38,10 @@ def get_config(scale: str = "small"):
         config.stream.eval_size = 2000
         config.model.hidden_sizes = (1000, 1000, 1000)
         config.tasks_per_chunk = 10
-        config.hessian.update(num_iters=100, grid_size=10_000, examples=2000, chunk_size=100)
+        # The Hessian on the new task's training images (train_permuted_mnist.py 436; the
+        # held-out ones at 421 are hessian.data="eval").
+        config.hessian.update(num_iters=100, grid_size=10_000, examples=2000, chunk_size=100,
+                              data="train")
         config.method_settings.update(erank_every=100, erank_batch=100, cbp_decay=0.99,
                                       maturity_threshold=100)
         config.method_settings_by_method = {

@@ -136,3 +136,36 @@ def test_ppo_er_window_is_bound_to_the_rollout():
     match = rf"erank_batch {rollout + 1} must lie in \[1, {rollout}\]"
     with pytest.raises(ValueError, match=match):
         ppo.make_train(config)
+
+
+def test_cifar_hessian_on_the_new_classes_training_images():
+    """hessian_classes="new": un-augmented training images of the increment's 5 new classes."""
+    from spectral_plasticity.tasks import IncrementalCIFAR
+    from spectral_plasticity.tasks.incremental_cifar import normalize
+
+    rng = np.random.default_rng(0)
+    train_y, test_y = np.repeat(np.arange(10), 6), np.repeat(np.arange(10), 3)
+    data = ImageDataset(rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+                        train_y.astype(np.uint8),
+                        rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+                        test_y.astype(np.uint8))
+    stream = IncrementalCIFAR(data, num_tasks=2, num_classes=10, train_per_class=6,
+                              train_size=20, eval_size=10, hessian_classes="new")
+    key = jax.random.key(3)
+    order = np.asarray(stream.class_order(key))
+    state = stream.begin_task(key, jnp.asarray(1))
+    x, y = stream.hessian_data(state, "train", 40)  # 30 new images, cycled to 40
+    assert set(np.asarray(y).tolist()) == set(order[5:10].tolist())
+    assert len({tuple(np.asarray(v).ravel()[:8]) for v in x}) == 30
+    for image, label in zip(np.asarray(x)[:5], np.asarray(y)[:5], strict=True):
+        candidates = normalize(jnp.asarray(data.train_images[train_y == label]))
+        assert np.min(np.abs(np.asarray(candidates) - image).max(axis=(1, 2, 3))) < 1e-6
+    _, y_eval = stream.hessian_data(state, "eval", 15)
+    assert set(np.asarray(y_eval).tolist()) == set(order[5:10].tolist())
+    seen = IncrementalCIFAR(data, num_tasks=2, num_classes=10, train_per_class=6,
+                            train_size=20, eval_size=10)
+    seen_state = seen.begin_task(key, jnp.asarray(1))
+    np.testing.assert_array_equal(seen.hessian_data(seen_state, "train", 10)[1],
+                                  seen.train_batch(seen_state, 0, 10)[1])
+    with pytest.raises(ValueError, match="hessian_classes must be 'seen' or 'new'"):
+        IncrementalCIFAR(data, num_classes=10, train_per_class=6, hessian_classes="old")

@@ -57,7 +57,8 @@ PAPER = {
 # Protocol values shared by a benchmark's methods: (config path, value).
 PROTOCOL = {
     "permuted_mnist": {"stream.num_tasks": 800, "batch_size": 1, "tasks_per_chunk": 10,
-                       "hessian.eps": 1e-2, "hessian.examples": 2000, "seeds": 5,
+                       "hessian.eps": 1e-2, "hessian.examples": 2000, "hessian.data": "train",
+                       "seeds": 5,
                        "model.hidden_sizes": (1000, 1000, 1000),
                        "plots.performance": "train_accuracy"},  # analysis/fig3.py 264
     "continual_imagenet": {"stream.num_tasks": 2000, "stream.epochs_per_task": 20,
@@ -68,6 +69,7 @@ PROTOCOL = {
     "incremental_cifar": {"stream.num_tasks": 20, "batch_size": 100, "tasks_per_chunk": 1,
                           "hessian.eps": 4e-2, "hessian.num_iters": 16,
                           "hessian.data": "train", "hessian.examples": 2000,
+                          "stream.hessian_classes": "new",
                           "model.head_hidden_sizes": (512, 512), "seeds": 5},
     "slippery_ant": {"num_phases": 5, "steps_per_phase": 2_000_000, "ppo.num_envs": 1,
                      "ppo.num_steps": 2048, "ppo.num_minibatches": 128, "ppo.update_epochs": 10,

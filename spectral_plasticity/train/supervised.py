@@ -274,9 +274,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         task_state = stream.begin_task(stream_key, state.task)
         mask = stream.output_mask(task_state)
         eval_x, eval_y = stream.eval_data(task_state)
-        hess_x, hess_y = ((eval_x[:eval_examples], eval_y[:eval_examples])
-                          if hessian_data == "eval"
-                          else stream.train_batch(task_state, 0, eval_examples))
+        hess_x, hess_y = stream.hessian_data(task_state, hessian_data, eval_examples)
         params, model_state, opt_state = state.params, state.model_state, state.opt_state
         k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
         if plan.reset_every_task:
