@@ -12,6 +12,8 @@ Claims (He, Guo, Prakash et al. 2025):
   4. ER alone does not; L2 alone only partly; LayerNorm+L2 underperforms L2-ER.
 
     python -m spectral_plasticity.reproduce --workdir=workdirs/reproduce [--scale=paper]
+        [--preflight=only|skip]   (``spectral_plasticity.preflight``; at the paper scale it
+                                   runs first by default)
 """
 
 from __future__ import annotations

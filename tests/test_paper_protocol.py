@@ -80,8 +80,8 @@ def test_the_start_of_task_hessian_sees_the_head_unless_before_hessian_is_asked(
     # "stream": the head is zeroed after the measurement, so it measured the previous params.
     np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]),
                                _dense_top(config, stream, previous, x, y), rtol=1e-3)
-    zeroed = {**previous, "head": jax.tree.map(jnp.zeros_like, previous["head"])}
-    before = _two_tasks(monkeypatch, True, head_reset="before_hessian")[4]
+    _, _, before_previous, _, before = _two_tasks(monkeypatch, True, head_reset="before_hessian")
+    zeroed = {**before_previous, "head": jax.tree.map(jnp.zeros_like, before_previous["head"])}
     np.testing.assert_allclose(float(before["top_eigenvalue_init"][0]),
                                _dense_top(config, stream, zeroed, x, y), rtol=1e-3)
     never = _two_tasks(monkeypatch, True, head_reset="never")
