@@ -76,7 +76,7 @@ def _dense_top(config, stream, params, x, y):
 
 def test_the_start_of_task_hessian_sees_the_head_unless_before_hessian_is_asked(monkeypatch):
     stream, config, previous, state, rows = _two_tasks(monkeypatch, True)
-    x, y = stream.eval_data(stream.begin_task(None, 1))
+    x, y = stream.hessian_data(stream.begin_task(None, 1), "eval", 10)  # hessian.examples
     # "stream": the head is zeroed after the measurement, so it measured the previous params.
     np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]),
                                _dense_top(config, stream, previous, x, y), rtol=1e-3)

@@ -10,8 +10,9 @@ Per task (one row) it records the online training loss and accuracy, the held-ou
 accuracy at the task's end, the weight norm, every feature metric of every hidden layer on the
 held-out examples, and — for the first task of every chunk, so every ``tasks_per_chunk`` tasks
 (``measure_hessian``) — the paper's measurement: the SLQ spectral density and epsilon-rank of
-the **new task's** loss on its held-out examples at the new task's initialization (the
-parameters where the previous task ended) and at its end, with the largest Ritz value. With
+the **new task's** loss on its held-out (or, ``hessian.data="train"``, training) examples at
+the new task's initialization (the parameters where the previous task ended; ``head_reset``
+zeroes a head after that measurement) and at its end, with the largest Ritz value. With
 ``kfac.enabled`` the same measured tasks also get ``curvature.kfac_diagnostics`` at the new
 task's initialization (``kfac_erank_a/<layer>_init``, ...): the Kronecker factors A and G of
 every layer and their agreement with the exact layer GGN. Rows of unmeasured tasks hold NaN.
