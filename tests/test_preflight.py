@@ -2,8 +2,8 @@
 
 The data sets are replaced by random images of the real shapes (no MNIST, CIFAR or ImageNet
 here); everything else (configs, models, methods, trainers, the Hessian protocol) is the paper
-scale's. The default suite builds every (study, method) and runs one; the slow suite compiles
-and runs one tiny chunk of every method of every study.
+scale's. The default suite builds every (study, method) and traces one chunk of each supervised
+study; the slow suite compiles and runs one tiny chunk of every method of every study.
 """
 
 import numpy as np
@@ -62,10 +62,20 @@ def test_every_paper_study_builds_every_method(fake_data):
     assert all(c.error is None for c in checked)
 
 
-def test_one_method_runs_one_tiny_chunk(fake_data):
-    study = reproduce.PAPER_STUDIES[1]  # continual ImageNet: the ConvNet, the head reset
+@pytest.mark.parametrize("study", reproduce.PAPER_STUDIES[:3], ids=lambda s: s.experiment)
+def test_one_method_of_each_supervised_study_traces_its_chunk(fake_data, study):
+    """The whole chunk traced (shapes of the paper's ConvNet, ResNet head, Hessian protocol),
+    without the compilation the slow test pays for."""
     (checked,) = preflight.check_plan([(study.experiment, reproduce.study_config(study, "paper"),
-                                        ("l2_er",))], shrink_model=True)
+                                        ("l2_er",))], mode="trace", shrink_model=True)
+    assert checked.error is None
+
+
+@pytest.mark.slow
+def test_one_method_runs_one_tiny_chunk(fake_data):
+    study = reproduce.PAPER_STUDIES[1]  # continual ImageNet: the paper's ConvNet
+    (checked,) = preflight.check_plan([(study.experiment, reproduce.study_config(study, "paper"),
+                                        ("bp",))], shrink_model=True)
     assert checked.error is None and checked.seconds > 0
 
 
