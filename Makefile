@@ -70,11 +70,12 @@ list: $(STAMP)
 plots: $(STAMP)
 	$(PY) -m spectral_plasticity.cli plots $(CLI_ARGS)
 
-## make reproduce [SCALE=paper]: the paper's claims with statistics (resumable) ->
-## docs/REPRODUCTION_RESULTS.md and docs/figures/.
+## make reproduce [SCALE=paper] [PREFLIGHT=1]: the paper's claims with statistics (resumable) ->
+## docs/REPRODUCTION_RESULTS.md and docs/figures/. SCALE=paper first runs every method of every
+## study for one tiny chunk (the preflight); PREFLIGHT=1 runs only that.
 reproduce: $(STAMP)
 	$(call resuming,$(PY) -m spectral_plasticity.reproduce --workdir=$(WORKDIR)/reproduce \
-		--scale=$(SCALE))
+		--scale=$(SCALE) $(if $(PREFLIGHT),--preflight=only))
 
 clean-venv:
 	rm -rf $(VENV)

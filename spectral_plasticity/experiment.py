@@ -9,6 +9,8 @@ An experiment is a Python file ``experiments/<name>.py`` whose ``get_config(scal
 - ``sweep``: hyperparameter lists vmapped together with the seeds (may be empty);
 - ``method_settings`` (shared) and ``method_settings_by_method`` (one method's own values
   over the shared ones, e.g. ``{"l2_er": {"l2": 1e-3, "erank_learning_rate": 1e-2}}``);
+- optionally ``optimizer_by_method``: one method's optimizer options over ``optimizer``
+  (``method_config``);
 
 and every field the trainer reads. ``train_and_evaluate(config, workdir)`` runs each method as
 one sweep in ``workdir/<method>``, resuming whatever was already done there;
@@ -141,9 +143,17 @@ def make_trainer(config: ml_collections.ConfigDict) -> ChunkedTrainer:
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """A copy of ``config`` for one method (``config.method`` set)."""
+    """The config ``method`` runs: a copy of ``config`` with ``method`` set and the method's own
+    optimizer options ``config.optimizer_by_method[method]`` (e.g. its learning rate or Adam
+    betas, where the paper selected them per method) over ``config.optimizer``."""
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.method = method
+    own = dict((config.get("optimizer_by_method", None) or {}).get(method, None) or {})
+    unknown = sorted(set(own) - set(config.optimizer))
+    if unknown:
+        raise ValueError(f"optimizer_by_method.{method}: unknown optimizer options {unknown}; "
+                         f"valid: {sorted(config.optimizer)}")
+    run_config.optimizer.update(own)
     return run_config
 
 

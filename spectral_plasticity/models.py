@@ -115,10 +115,13 @@ class ConvNet(nn.Module):
     """Dohare et al.'s continual-ImageNet network, for 32x32x3 inputs.
 
     ``conv 5x5x32 -> pool -> conv 3x3x64 -> pool -> conv 3x3x128 -> pool -> flatten ->
-    dense 128 -> dense 128 -> head``, unpadded ("VALID") convolutions and 2x2 max pooling as
-    the PyTorch reference (32 -> 28 -> 14 -> 12 -> 6 -> 4 -> 2, so 2*2*128 = 512 flat features).
-    Layers are named ``conv_0..2``, ``hidden_0..1`` and ``head``; with ``layer_norm`` a
-    LayerNorm (``norm_{layer}``) precedes each activation.
+    dense 128 -> dense 128 -> head`` with 2x2 max pooling. ``padding="VALID"`` (the default)
+    is Dohare et al.'s PyTorch network (32 -> 28 -> 14 -> 12 -> 6 -> 4 -> 2, so 2*2*128 = 512
+    flat features); ``padding="SAME"`` with ``kernel_init="lecun_normal"`` is the paper's code
+    (lop-jax ``imagenet/models.py`` lines 11-45: flax's default padding and initializer,
+    32 -> 16 -> 8 -> 4, so 4*4*128 = 2048 flat features). Layers are named ``conv_0..2``,
+    ``hidden_0..1`` and ``head``; with ``layer_norm`` a LayerNorm (``norm_{layer}``) precedes
+    each activation.
     """
 
     num_outputs: int = 2
@@ -128,6 +131,7 @@ class ConvNet(nn.Module):
     conv_channels: Sequence[int] = (32, 64, 128)
     conv_kernel_sizes: Sequence[int] = (5, 3, 3)
     hidden_sizes: Sequence[int] = (128, 128)
+    padding: str = "VALID"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Features]:
@@ -136,13 +140,16 @@ class ConvNet(nn.Module):
         init = initializer(self.kernel_init)
         if len(self.conv_channels) != len(self.conv_kernel_sizes):
             raise ValueError("conv_channels and conv_kernel_sizes must have the same length")
+        if self.padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding must be 'VALID' or 'SAME', got {self.padding!r}")
         features: Features = {}
         h = x
         for i, (channels, size) in enumerate(
             zip(self.conv_channels, self.conv_kernel_sizes, strict=True)
         ):
             name = f"conv_{i}"
-            h = nn.Conv(channels, (size, size), padding="VALID", kernel_init=init, name=name)(h)
+            h = nn.Conv(channels, (size, size), padding=self.padding, kernel_init=init,
+                        name=name)(h)
             if self.layer_norm:
                 h = nn.LayerNorm(name=f"norm_{name}")(h)
             h = nn.max_pool(act(h), window_shape=(2, 2), strides=(2, 2))
@@ -186,14 +193,22 @@ class ResNet18(nn.Module):
     """CIFAR ResNet-18 (3x3 stem, no max-pool), as used for class-incremental CIFAR-100.
 
     Four stages of two ``BasicBlock``s (64, 128, 256, 512 channels; stride 2 from the second
-    stage), BatchNorm, global average pooling and a linear ``head``. ``features`` holds the
-    stem output ``stem``, each block's output ``block_{s}_{b}`` and the pooled representation
-    ``pool``. Call with ``train=True`` and ``mutable=['batch_stats']`` while training.
+    stage), BatchNorm, global average pooling, then ``head_hidden_sizes`` fully connected ReLU
+    layers ``hidden_{i}`` and a linear ``head``. ``head_hidden_sizes=(512, 512)`` is the paper's
+    network (lop-jax ``incremental_cifar/model.py`` lines 166-199: ``Dense_0``, ``Dense_1`` of
+    512 units before the classifier ``Dense_2``); ``()`` (the default) is Dohare et al.'s, a
+    linear head on the pooled features. With ``head_layer_norm`` a LayerNorm (``norm_{i}``)
+    precedes each of those ReLUs (lop-jax ``LN_0``, ``LN_1``, the LayerNorm+L2 baseline).
+    ``features`` holds the stem output ``stem``, each block's output ``block_{s}_{b}``, the
+    pooled representation ``pool`` and each ``hidden_{i}``. Call with ``train=True`` and
+    ``mutable=['batch_stats']`` while training.
     """
 
     num_outputs: int = 100
     stage_channels: Sequence[int] = (64, 128, 256, 512)
     blocks_per_stage: int = 2
+    head_hidden_sizes: Sequence[int] = ()
+    head_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, Features]:
@@ -212,6 +227,15 @@ class ResNet18(nn.Module):
                 features[name] = h
         h = jnp.mean(h, axis=(1, 2))
         features["pool"] = h
+        if self.head_layer_norm and not self.head_hidden_sizes:
+            raise ValueError("head_layer_norm needs fully connected head layers "
+                             "(head_hidden_sizes)")
+        for i, width in enumerate(self.head_hidden_sizes):
+            h = nn.Dense(width, kernel_init=lecun_uniform, name=f"hidden_{i}")(h)
+            if self.head_layer_norm:
+                h = nn.LayerNorm(name=f"norm_{i}")(h)
+            h = nn.relu(h)
+            features[f"hidden_{i}"] = h
         out = nn.Dense(self.num_outputs, kernel_init=lecun_uniform, name="head")(h)
         return out, features
 
@@ -219,16 +243,21 @@ class ResNet18(nn.Module):
 def unit_layers(model: nn.Module) -> list[tuple[str, str]]:
     """The ``(layer, next_layer)`` pairs of ``model`` whose hidden units can be recycled.
 
-    Supports ``MLP`` and ``ConvNet`` (sequential models); a ResNet's residual units are not
-    recycled by CBP or ReDo in the references, so it raises a ValueError.
+    Supports ``MLP``, ``ConvNet`` and the fully connected head layers of a ``ResNet18``
+    (``head_hidden_sizes``; its residual channels are not recycled here); anything else raises
+    a ValueError.
     """
     if isinstance(model, MLP):
         names = [f"hidden_{i}" for i in range(len(model.hidden_sizes))]
     elif isinstance(model, ConvNet):
         names = [f"conv_{i}" for i in range(len(model.conv_channels))]
         names += [f"hidden_{i}" for i in range(len(model.hidden_sizes))]
+    elif isinstance(model, ResNet18) and model.head_hidden_sizes:
+        names = [f"hidden_{i}" for i in range(len(model.head_hidden_sizes))]
     else:
-        raise ValueError(f"unit recycling supports MLP and ConvNet, not {type(model).__name__}")
+        raise ValueError(f"unit recycling supports MLP, ConvNet and a ResNet18 with fully "
+                         f"connected head layers (head_hidden_sizes), not "
+                         f"{type(model).__name__}")
     return list(zip(names, [*names[1:], "head"], strict=True))
 
 
@@ -240,5 +269,6 @@ def hidden_layer_names(model: nn.Module) -> list[str]:
             for s in range(len(model.stage_channels))
             for b in range(model.blocks_per_stage)
         ]
-        return ["stem", *blocks, "pool"]
+        head = [f"hidden_{i}" for i in range(len(model.head_hidden_sizes))]
+        return ["stem", *blocks, "pool", *head]
     return [layer for layer, _ in unit_layers(model)]

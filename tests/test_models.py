@@ -75,6 +75,45 @@ def test_convnet_shapes_follow_the_reference():
     assert list(features) == hidden_layer_names(model)
 
 
+def test_convnet_as_the_papers_code_keeps_the_size_and_has_a_2048_wide_flatten():
+    """lop-jax imagenet/models.py: flax defaults, SAME padding and LeCun-normal kernels."""
+    model = ConvNet(num_outputs=2, padding="SAME", kernel_init="lecun_normal")
+    x = jnp.zeros((2, 32, 32, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    _, features = model.apply({"params": params}, x)
+    assert features["conv_0"].shape == (2, 16, 16, 32)
+    assert features["conv_1"].shape == (2, 8, 8, 64)
+    assert features["conv_2"].shape == (2, 4, 4, 128)
+    kernel = np.asarray(params["hidden_0"]["kernel"])
+    assert kernel.shape == (4 * 4 * 128, 128)
+    # LeCun normal: variance 1 / fan_in (a truncated normal rescaled to it); 262,144 draws.
+    np.testing.assert_allclose(kernel.var(), 1.0 / 2048, rtol=0.02)
+    assert np.abs(kernel).max() <= 2.0 * np.sqrt(1.0 / 2048) / 0.87962566  # truncated at 2 std
+    with pytest.raises(ValueError, match="padding must be 'VALID' or 'SAME'"):
+        ConvNet(padding="CIRCULAR").init(jax.random.key(0), x)
+
+
+def test_resnet_fc_head_with_layer_norm_feeds_the_classifier():
+    """The paper's head: pool -> FC -> (LayerNorm) -> ReLU -> FC -> (LayerNorm) -> ReLU -> head."""
+    model = ResNet18(num_outputs=5, stage_channels=(4, 8, 8, 8), head_hidden_sizes=(6, 7),
+                     head_layer_norm=True)
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    (out, features), _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    params = variables["params"]
+    assert list(features) == hidden_layer_names(model)
+    assert hidden_layer_names(model)[-3:] == ["pool", "hidden_0", "hidden_1"]
+    h = features["pool"] @ params["hidden_0"]["kernel"] + params["hidden_0"]["bias"]
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    h = (h - mean) / np.sqrt(var + 1e-6) * params["norm_0"]["scale"] + params["norm_0"]["bias"]
+    np.testing.assert_allclose(features["hidden_0"], np.maximum(h, 0.0), atol=1e-5)
+    expected = features["hidden_1"] @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head_layer_norm needs fully connected head layers"):
+        ResNet18(num_outputs=5, stage_channels=(4, 8, 8, 8), head_layer_norm=True).init(
+            jax.random.key(0), x)
+
+
 def test_conv_to_dense_unit_owns_rows_congruent_to_its_channel():
     """Unit c of conv_2 feeds exactly the rows i of hidden_0's kernel with i % C == c."""
     model = ConvNet(num_outputs=2)
@@ -100,8 +139,12 @@ def test_unit_layers_chain_to_the_head():
     ]
     pairs = unit_layers(ConvNet())
     assert pairs[2] == ("conv_2", "hidden_0") and pairs[-1] == ("hidden_1", "head")
-    with pytest.raises(ValueError, match="MLP and ConvNet"):
+    with pytest.raises(ValueError, match="MLP, ConvNet and a ResNet18 with fully connected"):
         unit_layers(ResNet18())
+    assert unit_layers(ResNet18(head_hidden_sizes=(6, 7))) == [
+        ("hidden_0", "hidden_1"),
+        ("hidden_1", "head"),
+    ]
 
 
 @pytest.mark.slow

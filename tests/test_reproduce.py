@@ -82,3 +82,29 @@ def test_a_significant_but_weak_epsilon_rank_link_is_not_called_reproduced():
     claim = next(c for c in reproduce.claim_rows(res) if c[0].startswith("2."))
     # slope 1 against noise of std 1 over uniform [0, 1] inputs: R^2 about 0.08, p << 0.05
     assert claim[3] == f"weak (significant, but R^2 < {reproduce.STRONG_R2})", claim
+
+
+def test_paper_scale_runs_the_preflight_first_and_preflight_only_stops_there(monkeypatch,
+                                                                            tmp_path):
+    from absl.testing import flagsaver
+
+    calls = []
+    monkeypatch.setattr(reproduce.preflight, "check_plan",
+                        lambda plan, **_: calls.append([name for name, _, _ in plan]))
+    monkeypatch.setattr(reproduce, "run_study", lambda *_: calls.append("train") or 0.0)
+    monkeypatch.setattr(reproduce, "report", lambda *_: "")
+    if not reproduce.FLAGS.is_parsed():
+        reproduce.FLAGS.mark_as_parsed()
+    paper = [s.experiment for s in reproduce.PAPER_STUDIES]
+    paths = {"workdir": str(tmp_path), "report": str(tmp_path / "report.md")}
+    with flagsaver.flagsaver(scale="paper", preflight="only", **paths):
+        reproduce.main([])
+    assert calls == [paper]
+    calls.clear()
+    with flagsaver.flagsaver(scale="paper", preflight="auto", **paths):
+        reproduce.main([])
+    assert calls == [paper] + ["train"] * len(paper)
+    calls.clear()
+    with flagsaver.flagsaver(scale="small", preflight="auto", only=["slippery_ant"], **paths):
+        reproduce.main([])
+    assert calls == ["train"]

@@ -25,7 +25,8 @@ gradients may first be clipped jointly to ``max_grad_norm``. The methods act on 
 L2, L2-Init, spectral-norm and Parseval regularization and Shrink & Perturb through the chain;
 the joint L2-ER (``l2_er_joint``) gets the features of the minibatch's observations; the
 alternating ER ascent (``er``, ``l2_er``) runs every ``erank_every`` gradient steps of a phase
-on the minibatch's features; CBP every step and ReDo every ``redo_every`` steps of a phase
+on the features of the update's first ``erank_batch`` rollout transitions (the paper: once per
+epoch on the whole rollout); CBP every step and ReDo every ``redo_every`` steps of a phase
 recycle hidden units of each network; ``reset`` re-initializes both networks at every phase.
 
 Per phase (one row) it records: the online episodic return (episodes completed in the phase,
@@ -96,13 +97,15 @@ class Trajectory(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """Flat training transitions ``(B, ...)`` with their advantages and value targets."""
+    """Flat training transitions ``(B, ...)`` with their advantages, value targets and the
+    values the rollout's critic gave them (for ``ppo.clip_value``)."""
 
     obs: jax.Array
     actions: jax.Array
     log_probs: jax.Array
     advantages: jax.Array
     returns: jax.Array
+    values: jax.Array
 
 
 class RunnerState(NamedTuple):
@@ -177,7 +180,7 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
     c.ppo = ml_collections.ConfigDict({
         "num_envs": 16, "num_steps": 128, "num_minibatches": 16, "update_epochs": 10,
         "gamma": 0.99, "gae_lambda": 0.95, "clip_eps": 0.2, "vf_coef": 1.0, "ent_coef": 0.01,
-        "max_grad_norm": 0.0, "normalize_advantages": True})
+        "max_grad_norm": 0.0, "normalize_advantages": True, "clip_value": False})
     c.model = ml_collections.ConfigDict({
         "hidden_sizes": (256,), "activation": "relu", "kernel_init": "lecun_uniform",
         "log_std_init": 0.0, "actor_head_scale": 1.0})
@@ -261,9 +264,14 @@ def _check_config(config: ml_collections.ConfigDict) -> int:
 
 
 def ppo_loss(nets: policy.ActorCritic, params: PyTree, batch: Batch, *, clip_eps: float,
-             vf_coef: float, ent_coef: float, normalize_advantages: bool
+             vf_coef: float, ent_coef: float, normalize_advantages: bool,
+             clip_value: bool = False
              ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
     """``clipped_surrogate + vf_coef * value_loss - ent_coef * mean entropy`` on ``batch``.
+
+    With ``clip_value`` the value loss is ``0.5 mean max((V - R)^2, (V_clip - R)^2)`` with
+    ``V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps)`` (the paper's code, lop-jax
+    ``rlopt/ppo_nonstationary.py`` lines 103-110, there without the 0.5).
 
     Returns ``(loss, (info, features))``: ``info`` holds the terms, the approximate KL
     ``mean(log pi_old - log pi)`` and the clip fraction; ``features`` each network's hidden
@@ -277,6 +285,10 @@ def ppo_loss(nets: policy.ActorCritic, params: PyTree, batch: Batch, *, clip_eps
                                                           clip_eps)
     values, critic_features = policy.critic_apply(nets, params["critic"], batch.obs)
     v_loss = losses.value_loss(values, batch.returns)
+    if clip_value:
+        clipped = batch.values + jnp.clip(values - batch.values, -clip_eps, clip_eps)
+        v_loss = 0.5 * jnp.mean(jnp.maximum((values - batch.returns) ** 2,
+                                            (clipped - batch.returns) ** 2))
     entropy = jnp.mean(policy.entropy(nets, params["actor"], outputs))
     loss = policy_loss + vf_coef * v_loss - ent_coef * entropy
     info = {"policy_loss": policy_loss, "value_loss": v_loss, "entropy": entropy,
@@ -297,6 +309,11 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     last_updates = max(1, updates_per_phase // 10)
     hess = config.hessian
     feature_samples = min(int(config.feature_samples), batch_size)
+    er_batch = int(settings["erank_batch"])
+    erank_ascent = "erank_every" in method.settings
+    if erank_ascent and not 0 < er_batch <= batch_size:
+        raise ValueError(f"erank_batch {er_batch} must lie in [1, {batch_size}], the rollout of "
+                         "num_envs * num_steps transitions the ER step reads")
     m = config.model
     nets = policy.make_actor_critic(
         env.observation_size, env.action_size, env.discrete,
@@ -308,7 +325,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
              "critic": lambda prm, x: policy.critic_apply(nets, prm, x)}
     loss_fn = lambda params, batch: ppo_loss(
         nets, params, batch, clip_eps=p.clip_eps, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-        normalize_advantages=p.normalize_advantages)
+        normalize_advantages=p.normalize_advantages, clip_value=p.get("clip_value", False))
 
     def optimizer(hparams: Mapping[str, jax.Array]) -> optax.GradientTransformation:
         return method_registry.optimizer(method, settings, dict(config.optimizer), hparams)
@@ -366,7 +383,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             trajectory.rewards, values.reshape(shape), next_values.reshape(shape),
             trajectory.terminated, trajectory.done, p.gamma, p.gae_lambda)
         return Batch(flat(trajectory.obs), flat(trajectory.actions), flat(trajectory.log_probs),
-                     flat(advantages), flat(returns))
+                     flat(advantages), flat(returns), values)
 
     def method_step(name, tx, values, params, opt_state, method_state, grads, features, obs,
                     phase_step, key):
@@ -389,7 +406,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
 
     def learn(tx, values, carry, batch: Batch, key: jax.Array, update_index: jax.Array):
         """``update_epochs`` passes of minibatch steps over ``batch`` (update ``update_index``
-        of the phase)."""
+        of the phase); the ER ascent sees the rollout's first ``erank_batch`` observations."""
+        er_obs = batch.obs[:er_batch]
 
         def minibatch_step(carry, xs):
             minibatch, epoch_index, minibatch_index = xs
@@ -405,8 +423,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             for i, name in enumerate(NETWORKS):
                 new[name] = method_step(
                     name, tx, values, params[name], opt_state[name], method_state[name],
-                    grads[name], features[name], minibatch.obs, phase_step,
-                    jax.random.fold_in(step_key, i))
+                    grads[name], features[name], er_obs if erank_ascent else minibatch.obs,
+                    phase_step, jax.random.fold_in(step_key, i))
                 recycled = recycled + new[name][3]
             params = {n: new[n][0] for n in NETWORKS}
             opt_state = {n: new[n][1] for n in NETWORKS}

@@ -30,7 +30,11 @@ The eval examples are ``eval_size`` test images of the seen classes: a uniformly
 that pool, cycled when the pool is smaller, so every seen test image appears ``eval_size /
 pool`` times on average and the eval accuracy is unbiased; any prefix (the new-task Hessian's
 examples) is a uniform sample of the seen classes' test images, the loss the increment trains.
-The paper's code takes the Hessian on the 5 new classes' test images only.
+The paper's code takes the Hessian on the 5 new classes' images only (lop-jax
+``train_incremental_cifar.py`` 400-435): ``hessian_classes="new"`` makes ``hessian_data`` a
+uniform sample (cycled when smaller) of the new classes' training or test images, never
+augmented; ``"seen"`` (the default) takes the prefix of the training presentation or of the eval
+examples.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class IncrementalTask(NamedTuple):
     """Increment ``t`` of a run: the classes seen so far and the keys of its draws."""
 
     seen: jax.Array  # (num_classes,) bool, the first classes_per_task (t + 1) of the order
+    new: jax.Array  # (num_classes,) bool, the last classes_per_task of them
     train_key: jax.Array
     eval_index: jax.Array  # (eval_size,) indices into the class-grouped test images
 
@@ -124,7 +129,8 @@ class IncrementalCIFAR(TaskStream):
     def __init__(self, data: ImageDataset, *, num_tasks: int | None = None,
                  classes_per_task: int = 5, num_classes: int | None = None,
                  train_per_class: int = 500, train_size: int | None = None,
-                 eval_size: int = 2000, augment: bool = True, normalize: bool = True) -> None:
+                 eval_size: int = 2000, augment: bool = True, normalize: bool = True,
+                 hessian_classes: str = "seen") -> None:
         """Args:
           data: CIFAR-100 (``cifar.load_cifar100``) or any ``(N, 32, 32, 3)`` uint8 images.
           num_tasks: increments (default: all, ``num_classes // classes_per_task`` = 20).
@@ -136,7 +142,12 @@ class IncrementalCIFAR(TaskStream):
           eval_size: test images of the seen classes per increment (2,000).
           augment: Dohare et al.'s flips, crops and rotations of training images.
           normalize: standardize with CIFAR-100's channel statistics (else ``x / 255``).
+          hessian_classes: the examples of ``hessian_data``: ``"seen"`` or ``"new"`` (module
+            docstring).
         """
+        if hessian_classes not in ("seen", "new"):
+            raise ValueError(f"hessian_classes must be 'seen' or 'new', got {hessian_classes!r}")
+        self.hessian_classes = hessian_classes
         labels = np.concatenate([data.train_labels, data.test_labels])
         num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
         if data.train_images.shape[1:] != (32, 32, 3):
@@ -175,10 +186,11 @@ class IncrementalCIFAR(TaskStream):
         _, train_key, eval_key = jax.random.split(key, 3)
         rank = jnp.argsort(self.class_order(key))  # rank[c]: position of class c in the order
         seen = rank < self.classes_per_task * (task + 1)
+        new = seen & (rank >= self.classes_per_task * task)
         test_valid = seen[jnp.arange(self._test_x.shape[0]) // self.test_per_class]
         order = valid_first_order(jax.random.fold_in(eval_key, task), test_valid)
         pool = jnp.sum(test_valid)
-        return IncrementalTask(seen, jax.random.fold_in(train_key, task),
+        return IncrementalTask(seen, new, jax.random.fold_in(train_key, task),
                                order[jnp.arange(self.eval_size) % pool])
 
     def _inputs(self, images: jax.Array) -> jax.Array:
@@ -197,6 +209,19 @@ class IncrementalCIFAR(TaskStream):
     def eval_data(self, task_state: IncrementalTask):
         x = self._inputs(self._test_x[task_state.eval_index])
         return x, task_state.eval_index // self.test_per_class
+
+    def hessian_data(self, task_state: IncrementalTask, split: str, size: int
+                     ) -> tuple[jax.Array, jax.Array]:
+        """As ``TaskStream.hessian_data``; with ``hessian_classes="new"`` a uniform sample of the
+        increment's new classes' (un-augmented) training or test images."""
+        if self.hessian_classes == "seen":
+            return super().hessian_data(task_state, split, size)
+        images, per_class = ((self._train_x, self.train_per_class) if split == "train"
+                             else (self._test_x, self.test_per_class))
+        valid = task_state.new[jnp.arange(images.shape[0]) // per_class]
+        order = valid_first_order(jax.random.fold_in(task_state.train_key, 2), valid)
+        index = order[jnp.arange(size) % jnp.sum(valid)]
+        return self._inputs(images[index]), index // per_class
 
     def output_mask(self, task_state: IncrementalTask) -> jax.Array:
         return task_state.seen

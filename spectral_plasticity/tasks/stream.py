@@ -10,7 +10,8 @@ its compiled loop, with a traced task index:
   single pass over its ``train_size`` examples (materialised per batch, never per stream);
 - ``eval_data(task_state) -> (x, y)``: the task's ``eval_size`` held-out examples (evaluation and
   the new-task Hessian);
-- ``output_mask(task_state) -> (num_outputs,) bool``: the logits that are valid in this task.
+- ``output_mask(task_state) -> (num_outputs,) bool``: the logits that are valid in this task;
+- ``hessian_data(task_state, split, size) -> (x, y)``: the examples of the new-task Hessian.
 
 Shapes are static; everything is pure and works under ``jax.vmap`` over run keys.
 
@@ -72,6 +73,15 @@ class TaskStream(abc.ABC):
         bound = copy.copy(self)
         vars(bound).update(arrays)
         return bound
+
+    def hessian_data(self, task_state: TaskState, split: str, size: int
+                     ) -> tuple[jax.Array, jax.Array]:
+        """``size`` examples of the task for its Hessian: the first ``size`` of its held-out
+        examples (``split="eval"``) or of its training presentation (``"train"``)."""
+        if split == "eval":
+            x, y = self.eval_data(task_state)
+            return x[:size], y[:size]
+        return self.train_batch(task_state, 0, size)
 
     def output_mask(self, task_state: TaskState) -> jax.Array:
         del task_state

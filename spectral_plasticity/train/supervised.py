@@ -10,8 +10,9 @@ Per task (one row) it records the online training loss and accuracy, the held-ou
 accuracy at the task's end, the weight norm, every feature metric of every hidden layer on the
 held-out examples, and — for the first task of every chunk, so every ``tasks_per_chunk`` tasks
 (``measure_hessian``) — the paper's measurement: the SLQ spectral density and epsilon-rank of
-the **new task's** loss on its held-out examples at the new task's initialization (the
-parameters where the previous task ended) and at its end, with the largest Ritz value. With
+the **new task's** loss on its held-out (or, ``hessian.data="train"``, training) examples at
+the new task's initialization (the parameters where the previous task ended; ``head_reset``
+zeroes a head after that measurement) and at its end, with the largest Ritz value. With
 ``kfac.enabled`` the same measured tasks also get ``curvature.kfac_diagnostics`` at the new
 task's initialization (``kfac_erank_a/<layer>_init``, ...): the Kronecker factors A and G of
 every layer and their agreement with the exact layer GGN. Rows of unmeasured tasks hold NaN.
@@ -84,9 +85,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.tasks_per_chunk = 5
     c.measure_hessian = True
+    # data: the new task's Hessian on its "eval" (held-out) examples or on the first
+    # ``examples`` of its "train" presentation order (the paper's epsilon-rank figures).
     c.hessian = ml_collections.ConfigDict({
         "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500,
-        "num_probes": 2})
+        "num_probes": 2, "data": "eval"})
+    # head_reset: "stream" (the stream's protocol, e.g. Dohare et al.'s zeroed head on
+    # continual ImageNet, after the start-of-task Hessian), "never", or "before_hessian".
+    c.head_reset = "stream"
     # compare_layers: the layers whose KFAC spectrum is compared with their exact GGN block
     # (Lanczos); ("all",) for every layer, () for none.
     c.kfac = ml_collections.ConfigDict({"enabled": False, "mode": "ggn",
@@ -122,12 +128,16 @@ def _model(config: ml_collections.ConfigDict, stream: TaskStream, layer_norm: bo
                    activation=m.activation, layer_norm=layer_norm)
     if m.kind == "convnet":
         return ConvNet(num_outputs=stream.num_outputs, activation=m.activation,
-                       layer_norm=layer_norm)
+                       layer_norm=layer_norm, padding=m.get("padding", "VALID"),
+                       kernel_init=m.get("kernel_init", "kaiming_uniform"))
     if m.kind == "resnet18":
-        if layer_norm:
-            raise ValueError("resnet18 is batch-normalized; LayerNorm methods need mlp/convnet")
+        head = tuple(m.get("head_hidden_sizes", ()))
+        if layer_norm and not head:
+            raise ValueError("resnet18 is batch-normalized; LayerNorm methods need its fully "
+                             "connected head (model.head_hidden_sizes), an mlp or a convnet")
         return ResNet18(num_outputs=stream.num_outputs,
-                        stage_channels=tuple(m.get("stage_channels", (64, 128, 256, 512))))
+                        stage_channels=tuple(m.get("stage_channels", (64, 128, 256, 512))),
+                        head_hidden_sizes=head, head_layer_norm=layer_norm)
     raise ValueError(f"unknown model kind {m.kind!r}; choose one of {list(MODEL_KINDS)}")
 
 
@@ -160,7 +170,22 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     loss_kind = stream.loss
     classification = loss_kind == "cross_entropy"
     hess = config.hessian
-    eval_examples = min(hess.examples, stream.eval_size)
+    hessian_data = hess.get("data", "eval")
+    if hessian_data not in ("eval", "train"):
+        raise ValueError(f"hessian.data must be 'eval' or 'train', got {hessian_data!r}")
+    eval_examples = min(hess.examples, stream.eval_size if hessian_data == "eval"
+                        else stream.train_size)
+    head_reset = config.get("head_reset", "stream")
+    if head_reset not in ("stream", "never", "before_hessian"):
+        raise ValueError(f"head_reset must be 'stream', 'never' or 'before_hessian', got "
+                         f"{head_reset!r}")
+    reset_head_at = ("never" if head_reset == "stream" and not stream.reset_head
+                     else "after_hessian" if head_reset == "stream" else head_reset)
+    window = int(settings.get("erank_every", 0)) * config.batch_size
+    if "erank_every" in method.settings and int(settings["erank_batch"]) != window:
+        raise ValueError(f"erank_batch {settings['erank_batch']} must be erank_every x "
+                         f"batch_size = {window}: the ER step sees the inputs of the batches "
+                         "since the last one")
     er_batch = int(settings["erank_batch"]) if method.feature_batch else 0
     dummy = jnp.zeros((1, *stream.input_shape), jnp.float32)
 
@@ -233,16 +258,16 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         task_state = stream.begin_task(stream_key, state.task)
         mask = stream.output_mask(task_state)
         eval_x, eval_y = stream.eval_data(task_state)
-        hess_x, hess_y = eval_x[:eval_examples], eval_y[:eval_examples]
+        hess_x, hess_y = stream.hessian_data(task_state, hessian_data, eval_examples)
         params, model_state, opt_state = state.params, state.model_state, state.opt_state
         k_reset, k_steps, k_init, k_end = jax.random.split(task_key, 4)
         params, opt_state = method.at_task_start(params, opt_state,
                                                  lambda: init_variables(k_reset)[0], tx)
         if method.reinitializes:  # the model's statistics restart with its parameters
             model_state = init_variables(k_reset)[1]
-        if stream.reset_head:  # zeroed, as Dohare et al.'s continual-ImageNet protocol
-            params, opt_state = reset_head(params, opt_state,
-                                           jax.tree.map(jnp.zeros_like, params))
+        zero_head = lambda p, o: reset_head(p, o, jax.tree.map(jnp.zeros_like, p))
+        if reset_head_at == "before_hessian":  # zeroed, as Dohare et al.'s continual ImageNet
+            params, opt_state = zero_head(params, opt_state)
         at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
                    else nan_curvature())
         if config.kfac.enabled:
@@ -261,6 +286,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
             # finished (all threads asleep; see spectral_plasticity/runtime.py).
             at_init, params, opt_state = jax.lax.optimization_barrier(
                 (at_init, params, opt_state))
+        if reset_head_at == "after_hessian":
+            params, opt_state = zero_head(params, opt_state)
 
         def step(carry, i):
             params, model_state, opt_state, method_state, buffer = carry
