@@ -5,7 +5,8 @@ An experiment is a Python file ``experiments/<name>.py`` whose ``get_config(scal
 
 - ``trainer``: which trainer runs it (``"supervised"`` or ``"ppo"``);
 - ``methods``: the plasticity methods to compare (names of ``train.method_registry``);
-- ``seeds``: how many seeds per method and hyperparameter setting (vmapped);
+- ``seeds``: how many seeds per method and hyperparameter setting (vmapped), the seeds
+  ``seed_offset, ..., seed_offset + seeds - 1`` (``seed_offset`` optional, default 0);
 - ``sweep``: hyperparameter lists vmapped together with the seeds (may be empty);
 - ``method_settings`` (shared) and ``method_settings_by_method`` (one method's own values
   over the shared ones, e.g. ``{"l2_er": {"l2": 1e-3, "erank_learning_rate": 1e-2}}``);
@@ -124,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     by_method = config.get("method_settings_by_method", None) or {}
     method_registry.check_settings_by_method(
         {m: dict(v or {}) for m, v in dict(by_method).items()}, list(config.methods))
-    seeds = list(range(config.seeds))
+    offset = int(config.get("seed_offset", 0))
+    seeds = list(range(offset, offset + config.seeds))
     grid = hparam_grid(dict(config.sweep)) if config.sweep else [{}]
     run_dirs = {}
     for method in methods:
