@@ -50,11 +50,11 @@ def test_claims_on_a_stream_where_bp_decays_and_l2_er_holds():
         "l2_er": _table(range(5), 20, lambda s, t: 0.9 + noise[s][t] / 2),
         "reset": _table(range(5), 20, lambda s, t: 0.88 + noise[s][t]),
     }
-    res = reproduce.StudyResults(reproduce.Study("x", tuple(tables), seeds=5, window=5), tables,
+    res = reproduce.StudyResults(reproduce.Study("x", tuple(tables), window=5), tables,
                                  plots.PlotColumns(), higher_is_better=True)
     verdicts = {claim: verdict for claim, _, _, verdict in reproduce.claim_rows(res)}
     assert verdicts["1. BP loses plasticity"] == "reproduced"
-    assert verdicts["2. epsilon-rank tracks performance"] == "reproduced"
+    assert verdicts["2. epsilon-rank tracks performance (`epsilon_rank_init`)"] == "reproduced"
     assert verdicts["3. L2-ER maintains plasticity"] == "reproduced"
     assert verdicts["3. L2-ER at or above RESET"] == "reproduced"
     ranking = [m for m, _, _ in reproduce.ranking_rows(res)]
@@ -64,7 +64,7 @@ def test_claims_on_a_stream_where_bp_decays_and_l2_er_holds():
 def test_a_loss_metric_flips_the_direction():
     tables = {"bp": _table(range(4), 10, lambda s, t: 0.1 + 0.05 * t + 0.001 * s)}
     columns = plots.PlotColumns(performance="eval_accuracy")
-    res = reproduce.StudyResults(reproduce.Study("x", ("bp",), seeds=4, window=3), tables,
+    res = reproduce.StudyResults(reproduce.Study("x", ("bp",), window=3), tables,
                                  columns, higher_is_better=False)
     claims = reproduce.claim_rows(res)
     # A loss that grows over tasks is a loss of plasticity.
@@ -77,8 +77,8 @@ def test_a_significant_but_weak_epsilon_rank_link_is_not_called_reproduced():
              "epsilon_rank_init": e, "diverged": False}
             for s in range(5) for t, e in enumerate(rng.uniform(0, 1, 200))]
     tables = {"bp": pd.DataFrame(rows)}
-    res = reproduce.StudyResults(reproduce.Study("x", ("bp",), seeds=5, window=5), tables,
+    res = reproduce.StudyResults(reproduce.Study("x", ("bp",), window=5), tables,
                                  plots.PlotColumns(), higher_is_better=True)
     claim = next(c for c in reproduce.claim_rows(res) if c[0].startswith("2."))
     # slope 1 against noise of std 1 over uniform [0, 1] inputs: R^2 about 0.08, p << 0.05
-    assert claim[3] == f"weak (significant, but R^2 < {reproduce.STRONG_R2})", claim
+    assert claim[3] == f"weak (positive over seeds, but R^2 < {reproduce.STRONG_R2})", claim
