@@ -1,9 +1,10 @@
 """Slowly-changing regression (Dohare et al. 2024), no data needed.
 
-Paper scale: Dohare et al.'s published protocol (``lop/slowly_changing_regression``,
-``cfg/sgd/bp/relu.json``): 1M examples online (batch 1) = 100 tasks of 10,000, one of the 15
-slow bits flipped between tasks, a learner MLP with 5 ReLU hidden units, plain SGD at step size
-0.01, squared error; the performance is their measure, the online squared error over each task
+Paper scale: Dohare et al.'s published protocol (``lop/slowly_changing_regression``): 1M
+examples online (batch 1) = 100 tasks of 10,000 (``cfg/sgd/bp/relu.json``), one of the 15 slow
+bits flipped between tasks (their paper's description and ``cfg/flip_one/relu.json``, which
+runs 3M examples; ``relu.json``'s data redraw every slow bit instead: ``stream.flip_one=False``),
+a learner MLP with 5 ReLU hidden units, plain SGD at step size 0.01, squared error; the performance is their measure, the online squared error over each task
 (``train_loss``). 30 seeds (they recommend at least 30 runs: single runs vary widely). The
 paper's settings of each method are re-derived for 10,000 steps of 0.01 per task
 (``spectral_plasticity.tuning``). He et al. do not run this benchmark; it is here as the

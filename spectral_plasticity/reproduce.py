@@ -359,7 +359,8 @@ def plan_study(study: Study, scale: str) -> Plan:
     method_registry.check_settings_by_method(by_method, [*config.methods, *study.methods])
     if study.eval_seeds < 1:
         raise ValueError(f"{study.experiment}: eval_seeds must be at least 1")
-    grids = tuning.tuning_grids(study.methods, by_method) if study.tune else {}
+    grids = (tuning.tuning_grids(study.methods, by_method, dict(config.method_settings))
+             if study.tune else {})
     if study.tune:
         tuning.check_tuning(grids, study.tuning_seed_list(), study.eval_seed_list())
     return Plan(study, config, grids)
@@ -489,24 +490,26 @@ class Tuned(NamedTuple):
     selections: dict[str, tuning.Selection]
     eps: float
     curves: dict[str, pd.DataFrame]
+    eps_source: str
 
 
 def select_on_tuning_seeds(workdir: Path, plan: Plan) -> Tuned:
     """Selections and eps from the tuning runs (the configured eps when no curve exists)."""
     columns = plots.PlotColumns.from_config(plan.config)
+    eps, source = float(plan.config.hessian.eps), "configured"
     if not plan.study.tune:
-        return Tuned({}, float(plan.config.hessian.eps), {})
+        return Tuned({}, eps, {}, source)
     tables = finished(tuning_tables(workdir, plan), columns.row, plan.study.experiment)
     chosen = selections(tables, plan, columns)
     curves = eps_curves(workdir, plan, columns)
-    curve = curves.get("estimate", curves.get("smoothed"))
-    eps = float(plan.config.hessian.eps)
-    if curve is not None:
+    label = "estimate" if "estimate" in curves else "smoothed"
+    if label in curves:
         try:
-            eps = claims.choose_eps(curve)
+            eps = claims.choose_eps(curves[label])
+            source = f"chosen on the tuning seeds by the R^2 of the {label} measure"
         except ValueError as error:
             logging.warning("%s: %s", plan.study.experiment, error)
-    return Tuned(chosen, eps, curves)
+    return Tuned(chosen, eps, curves, source)
 
 
 def run_evaluation(workdir: Path, plan: Plan, tuned: Tuned) -> None:
@@ -552,8 +555,7 @@ def report(workdir: Path, studies: Sequence[Study], scale: str, figures_dir: Pat
                   "Overrides: " + (", ".join(f"`{o}`" for o in study.overrides) or "none"), ""]
         if tuned.selections:
             lines += [*selection_lines(tuned, res.columns.performance), ""]
-        lines.append(f"eps = {tuned.eps:g}" + (" (chosen on the tuning seeds)" if tuned.curves
-                                                else " (configured)") + ".")
+        lines.append(f"eps = {tuned.eps:g} ({tuned.eps_source}).")
         if tuned.curves:
             png = plot_eps_curves(tuned.curves, tuned.eps,
                                   figures_dir / f"{study.experiment}-r2_over_eps.png")

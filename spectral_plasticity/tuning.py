@@ -112,18 +112,20 @@ def centred_grid(value: float, factor: float = GRID_FACTOR) -> tuple[float, floa
     return tuple(float(f"{v:.2g}") for v in (value / factor, value, value * factor))
 
 
-def tuning_grids(methods: Sequence[str], settings_by_method: Mapping[str, Mapping[str, Any]]
+def tuning_grids(methods: Sequence[str], settings_by_method: Mapping[str, Mapping[str, Any]],
+                 shared: Mapping[str, Any] | None = None
                  ) -> dict[str, tuple[str, tuple[float, ...]]]:
     """Per tunable method of ``methods``: ``(strength name, grid centred on its value)``, the
-    value being the method's own setting, else the shared default. Methods without a strength
-    (bp, reset) are not tuned."""
+    value being the method's own setting, else the shared one (``shared``, a config's
+    ``method_settings``), else the default. Methods without a strength (bp, reset) are not
+    tuned."""
     grids = {}
     for m in methods:
         if m in STRENGTH:
             name = STRENGTH[m]
-            own = dict(settings_by_method.get(m, {}) or {})
-            grids[m] = (name, centred_grid(float(own.get(name,
-                                                         method_registry.DEFAULTS[name]))))
+            value = {**method_registry.DEFAULTS, **dict(shared or {}),
+                     **dict(settings_by_method.get(m, {}) or {})}[name]
+            grids[m] = (name, centred_grid(float(value)))
     return grids
 
 

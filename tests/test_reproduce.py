@@ -188,7 +188,7 @@ def test_report_from_synthetic_runs_shows_selections_eps_claims_and_signals(tmp_
     text = reproduce.report(tmp_path, [study], "small", figures, {"slowly_changing_regression":
                                                                    600.0})
     assert "| l2 | `l2` | 1e-05: " in text and "; **0.0001: " in text
-    assert "eps = 0.1 (chosen on the tuning seeds)" in text
+    assert "eps = 0.1 (chosen on the tuning seeds by the R^2 of the smoothed measure)" in text
     assert (figures / "slowly_changing_regression-r2_over_eps.png").exists()
     lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
     assert lines["1. BP loses plasticity"].endswith("| reproduced |")

@@ -41,8 +41,10 @@ def test_derived_settings_and_centred_grids():
     assert grids == {"l2": ("l2", (2e-4, 2e-3, 2e-2)),
                      "l2_er": ("erank_learning_rate", (3e-3, 3e-2, 0.3)),
                      "cbp": ("replacement_rate", (6e-6, 6e-5, 6e-4))}
-    # a method without its own value is centred on the shared default
+    # a method without its own value is centred on the shared setting, else the default
     assert tuning.tuning_grids(("er",), {})["er"][1][1] == 1e-3
+    assert tuning.tuning_grids(("er", "l2"), {}, {"erank_learning_rate": 0.5})["er"] == (
+        "erank_learning_rate", (0.05, 0.5, 5.0))
     with pytest.raises(ValueError, match="unknown methods"):
         tuning.derived_settings(("bq",), 0.03, 1000)
     assert math.isclose(tuning.centred_grid(1e-4)[0], 1e-5)
