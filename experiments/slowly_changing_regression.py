@@ -3,12 +3,13 @@
 Paper scale: Dohare et al.'s published protocol (``lop/slowly_changing_regression``): 1M
 examples online (batch 1) = 100 tasks of 10,000 (``cfg/sgd/bp/relu.json``), one of the 15 slow
 bits flipped between tasks (their paper's description and ``cfg/flip_one/relu.json``, which
-runs 3M examples; ``relu.json``'s data redraw every slow bit instead: ``stream.flip_one=False``),
-a learner MLP with 5 ReLU hidden units, plain SGD at step size 0.01, squared error; the performance is their measure, the online squared error over each task
-(``train_loss``). 30 seeds (they recommend at least 30 runs: single runs vary widely). The
-paper's settings of each method are re-derived for 10,000 steps of 0.01 per task
-(``spectral_plasticity.tuning``). He et al. do not run this benchmark; it is here as the
-cheapest continual problem with a published loss of plasticity.
+runs 3M examples; ``relu.json``'s data redraw every slow bit: ``stream.flip_one=False``), a
+learner MLP with 5 ReLU hidden units, plain SGD at step size 0.01, squared error. The
+performance is their measure, the online squared error over each task (``train_loss``); 30
+seeds (they recommend at least 30 runs: single runs vary widely). Each method's paper setting
+is re-derived for 10,000 steps of 0.01 per task (``spectral_plasticity.tuning``). He et al. do
+not run this benchmark; it is here as the cheapest continual problem with a published loss of
+plasticity.
 
 Small scale: a 40-task miniature with Adam (tasks of 2,000 examples) for quick checks.
 """
@@ -25,7 +26,7 @@ def get_config(scale: str = "small"):
     config = default_config()
     config.stream = ml_collections.ConfigDict({
         "name": "slowly_changing_regression", "num_tasks": 40, "flip_after": 2000,
-        "eval_size": 1024, "data_dir": ""})
+        "flip_one": True, "eval_size": 1024, "data_dir": ""})
     config.model.hidden_sizes = (5,)
     config.batch_size = 1
     config.methods = ("bp", "l2", "l2_er", "cbp")

@@ -107,9 +107,10 @@ CPU_STUDIES = (
     # Random-label memorization: backprop loses most of its plasticity within 30 tasks.
     Study("random_label_fashion_mnist", (*CLAIM_METHODS, "shrink_perturb"), window=5),
     Study("permuted_fashion_mnist", CLAIM_METHODS, window=5, overrides=_HESSIAN_CPU),
-    # Dohare et al.'s protocol itself (SGD, 100 tasks of 10,000 examples): cheap on a CPU.
+    # Dohare et al.'s protocol itself (SGD, 100 tasks of 10,000 examples): cheap on a CPU, and
+    # single runs vary widely (they recommend at least 30 seeds).
     Study("slowly_changing_regression", ("bp", "l2", "er", "l2_er", "cbp", "shrink_perturb",
-                                         "reset"), window=10, scale="paper"),
+                                         "reset"), window=10, scale="paper", eval_seeds=30),
     # The gymnax continual task: ten phases, where a short Slippery Ant has only three.
     Study("continual_cartpole", ("bp", "l2_er", "l2", "er"), window=3, tune=False),
     # A short Slippery Ant (40 PPO updates per friction, of the paper's 977): the paper's own

@@ -149,9 +149,9 @@ def test_report_from_synthetic_runs_shows_selections_eps_claims_and_signals(tmp_
                             eval_seeds=4, window=3, eps_grid=(0.01, 0.1, 1.0))
     directory = tmp_path / "slowly_changing_regression-small"
     tasks, grid = 8, np.linspace(-5, 5, 2001)
-    # Tuning: L2's loss is lowest at 1e-4 (runs 2, 3); the density of each run has mass e at |x| ~ 0.5, the
-    # rest at 0 but for a random bit at 0.05, and the loss is 1 - e: R^2 is 1 at eps = 0.1,
-    # lower at 0.01 (the random bit counts) and undefined at 1 (nothing lies outside).
+    # Tuning: L2's loss is lowest at 1e-4 (runs 2, 3); the density of each run has mass e at
+    # |x| ~ 0.5, the rest at 0 but for a random bit at 0.05, and the loss is 1 - e: R^2 is
+    # highest at eps = 0.1, lower at 0.01 (the random bit counts) and undefined at 1.
     mass = rng.uniform(0.1, 0.7, (6, tasks)) + np.array([0, 0, 0.2, 0.2, 0, 0])[:, None]
     bump = lambda c: np.exp(-0.5 * ((grid - c) / 0.004) ** 2)
     density = ((1 - mass)[..., None] * bump(0.0) + mass[..., None] * bump(0.5)
