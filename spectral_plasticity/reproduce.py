@@ -2,11 +2,11 @@
 
 For every study (experiment, methods, seeds, reduced-scale overrides) of the plan:
 
-1. **Tuning** on the tuning seeds ``0 .. tuning_seeds - 1``: each method's own strength over a
-   grid centred on its re-derived value (``spectral_plasticity.tuning``), vmapped in one run
+1. **Tuning** on the tuning seeds ``0 .. tuning_seeds - 1``: each method's own strengths over
+   grids centred on their re-derived values (``spectral_plasticity.tuning``), vmapped in one run
    per method (one run per value for settings the trainers cannot vmap: CBP's replacement
    rate, ReDo's threshold); methods without a strength (bp, reset) run once.
-2. **Selection**, on the tuning seeds only: per method the value of best mean final
+2. **Selection**, on the tuning seeds only: per method the grid point of best mean final
    performance; eps of the epsilon-rank: the one of highest R^2 (seeds averaged) over
    ``eps_grid``, from the spectra the tuning runs recorded (``claims.choose_eps``).
 3. **Evaluation**: the selected settings, with the chosen eps as ``hessian.eps``, on
@@ -350,7 +350,7 @@ class Plan(NamedTuple):
 
     study: Study
     config: ml_collections.ConfigDict
-    grids: dict[str, tuple[str, tuple[float, ...]]]
+    grids: tuning.Grids
 
 
 def plan_study(study: Study, scale: str) -> Plan:
@@ -385,58 +385,58 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, method: str, seeds: S
 
 def run_tuning(workdir: Path, plan: Plan) -> None:
     """Every method on the tuning seeds: a tuned one over its grid (vmapped when the trainer
-    reads the strength from the swept hyperparameters, else one run per value)."""
+    reads its strengths from the swept hyperparameters, else one run per value)."""
     seeds = plan.study.tuning_seed_list()
     for method in plan.study.methods:
-        name, grid = plan.grids.get(method, (None, ()))
-        if name is None or name in tuning.VMAPPED:
+        grid = plan.grids.get(method, {})
+        if set(grid) <= tuning.VMAPPED:
             _run(plan.config, workdir / "tuning", method, seeds,
-                 sweep={name: list(grid)} if name else None)
+                 sweep={k: list(v) for k, v in grid.items()})
         else:
-            for value in grid:
+            (name, values), = grid.items()
+            for value in values:
                 _run(plan.config, workdir / f"tuning-{name}={value:g}", method, seeds,
                      own={name: value})
 
 
-def tuning_runs(workdir: Path, plan: Plan) -> list[tuple[str, float | None, Path]]:
-    """``(method, value, run directory)`` of every tuning run: ``value`` is None where the
-    strength is a column of the results (a vmapped grid) or the method is not tuned."""
+def tuning_runs(workdir: Path, plan: Plan) -> list[tuple[str, dict[str, float], Path]]:
+    """``(method, fixed, run directory)`` of every tuning run: ``fixed`` holds the strength's
+    value of a run over one value of a grid the trainers cannot vmap (else the strengths are
+    columns of the results, or the method is not tuned)."""
     runs = []
     for method in plan.study.methods:
-        name, grid = plan.grids.get(method, (None, ()))
-        if name is None or name in tuning.VMAPPED:
-            runs.append((method, None, workdir / "tuning" / method))
+        grid = plan.grids.get(method, {})
+        if set(grid) <= tuning.VMAPPED:
+            runs.append((method, {}, workdir / "tuning" / method))
         else:
-            runs += [(method, v, workdir / f"tuning-{name}={v:g}" / method) for v in grid]
+            (name, values), = grid.items()
+            runs += [(method, {name: v}, workdir / f"tuning-{name}={v:g}" / method)
+                     for v in values]
     return [(m, v, d) for m, v, d in runs if (d / "results.csv").exists()]
 
 
 def tuning_tables(workdir: Path, plan: Plan) -> dict[str, pd.DataFrame]:
-    """Per method, its tuning results with the strength as a column (static grids joined)."""
+    """Per method, its tuning results with its strengths as columns (static grids joined)."""
     parts: dict[str, list[pd.DataFrame]] = {}
-    for method, value, run_dir in tuning_runs(workdir, plan):
-        table = pd.read_csv(run_dir / "results.csv")
-        if value is not None:
-            table = table.assign(**{plan.grids[method][0]: value})
-        parts.setdefault(method, []).append(table)
+    for method, fixed, run_dir in tuning_runs(workdir, plan):
+        parts.setdefault(method, []).append(pd.read_csv(run_dir / "results.csv").assign(**fixed))
     return {m: pd.concat(p, ignore_index=True) for m, p in parts.items()}
 
 
 def selections(tables: Mapping[str, pd.DataFrame], plan: Plan, columns: plots.PlotColumns
                ) -> dict[str, tuning.Selection]:
-    """Per tuned method, the grid results on the tuning seeds and the value selected."""
+    """Per tuned method, the grid results on the tuning seeds and the setting selected."""
     out = {}
     higher, w = higher_is_better(columns), plan.study.window
-    for method, (name, _) in plan.grids.items():
+    for method, grid in plan.grids.items():
         if method not in tables:
             continue
         t = tables[method]
-        rows = np.sort(t[columns.row].unique())[-w:]
-        last = t[t[columns.row].isin(rows)]
-        finals = last.groupby([name, "seed"]).apply(
+        last = t[t[columns.row].isin(np.sort(t[columns.row].unique())[-w:])]
+        finals = last.groupby([*grid, "seed"]).apply(
             lambda g: np.nan if g["diverged"].any() else g[columns.performance].mean(),
             include_groups=False).rename("final").reset_index()
-        out[method] = tuning.select(finals, name, higher)
+        out[method] = tuning.select(finals, list(grid), higher)
     return out
 
 
@@ -448,20 +448,19 @@ def eps_curves(workdir: Path, plan: Plan, columns: plots.PlotColumns
     sign = 1.0 if higher_is_better(columns) else -1.0
     split: dict[str, dict[str, pd.DataFrame]] = {"estimate": {}, "smoothed": {}}
     ranks: dict[str, dict[str, np.ndarray]] = {"estimate": {}, "smoothed": {}}
-    for method, value, run_dir in tuning_runs(workdir, plan):
-        table = pd.read_csv(run_dir / "results.csv")
+    for method, fixed, run_dir in tuning_runs(workdir, plan):
+        table = pd.read_csv(run_dir / "results.csv").assign(**fixed)
         table[columns.performance] *= sign
         arrays = load_arrays(run_dir)
-        name = plan.grids.get(method, (None,))[0]
-        groups = (table.groupby(name) if value is None and name in table
-                  else [(value, table)])
+        names = list(plan.grids.get(method, {}))
+        groups = table.groupby(names) if names else [((), table)]
         for label, smoothed, needed in (("estimate", False, claims.NODES),
                                         ("smoothed", True, claims.DENSITY)):
             if needed not in arrays:
                 continue
             rank = claims.epsilon_rank_at(arrays, plan.study.eps_grid, smoothed)
-            for v, part in groups:
-                key = method if v is None else f"{method}@{v:g}"
+            for point, part in groups:
+                key = "@".join([method, *(f"{v:g}" for v in point)])
                 split[label][key], ranks[label][key] = part, rank
     return {label: claims.r2_over_eps(split[label], ranks[label], plan.study.eps_grid,
                                       columns.performance, columns.row)
@@ -521,19 +520,23 @@ def run_evaluation(workdir: Path, plan: Plan, tuned: Tuned) -> None:
     for method in plan.study.methods:
         sel = tuned.selections.get(method)
         _run(config, workdir / "eval", method, plan.study.eval_seed_list(),
-             own={sel.setting: sel.value} if sel else None)
+             own=sel.value if sel else None)
     plots.plot_experiment(workdir / "eval", config)
 
 
 def selection_lines(tuned: Tuned, metric: str) -> list[str]:
     """The selection tables of one study (markdown)."""
     lines = [f"Tuning (final {metric} on the tuning seeds, mean [95% CI]; **selected**):", "",
-             "| method | strength | grid results |", "|---|---|---|"]
+             "| method | strengths | grid results |", "|---|---|---|"]
     for method, sel in tuned.selections.items():
-        cells = [("**{}**" if r.value == sel.value else "{}").format(
-            f"{r.value:g}: {r.mean:.4g} [{r.low:.4g}, {r.high:.4g}] (n={r.n})")
-            for r in sel.table.itertuples()]
-        lines.append(f"| {method} | `{sel.setting}` | {'; '.join(cells)} |")
+        cells = []
+        for r in sel.table.to_dict("records"):
+            point = {k: r[k] for k in sel.strengths}
+            text = (", ".join(f"{v:g}" for v in point.values())
+                    + f": {r['mean']:.4g} [{r['low']:.4g}, {r['high']:.4g}] (n={r['n']})")
+            cells.append(f"**{text}**" if point == sel.value else text)
+        lines.append(f"| {method} | {', '.join(f'`{k}`' for k in sel.strengths)} | "
+                     f"{'; '.join(cells)} |")
     return lines
 
 

@@ -17,9 +17,10 @@ each setting does *per task* (``rescale``):
   ``erank_lr' = erank_lr * lr / 0.01``;
 - thresholds and periods (``redo_tau``, ``maturity_threshold``, ...) are kept as they are.
 
-**Tuning without double-dipping** (``make reproduce``): every method's own strength is swept
-over a grid centred on its re-derived value, one factor of ``GRID_FACTOR`` either way, on
-*tuning seeds*; the value with the best mean final performance over those seeds is selected
+**Tuning without double-dipping** (``make reproduce``): every method's own strengths
+(``STRENGTH``; L2-ER: its L2 and its ascent's step size, a product grid) are swept over grids
+centred on their re-derived values, one factor of ``GRID_FACTOR`` either way, on *tuning
+seeds*; the value with the best mean final performance over those seeds is selected
 (``select``), and the claims are tested on the selected setting run on *fresh* evaluation seeds
 that never overlap the tuning ones (``check_tuning``).
 """
@@ -30,10 +31,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
+from spectral_plasticity import claims
 from spectral_plasticity.train import method_registry
 
 # He et al.'s Permuted MNIST, where the paper selected its settings.
@@ -59,13 +59,15 @@ PAPER_SETTINGS: dict[str, dict[str, float]] = {
                        "noise_std": method_registry.DEFAULTS["noise_std"]},
     "redo": {"redo_tau": method_registry.DEFAULTS["redo_tau"]},
 }
-# The strength each method is tuned over (the paper's grids: L2 wd, ER/L2-ER ascent step size,
-# CBP replacement rate, LayerNorm+L2 wd, S&P noise, spectral-norm strength).
-STRENGTH: dict[str, str] = {
-    "l2": "l2", "l2_er": "erank_learning_rate", "er": "erank_learning_rate",
-    "layernorm_l2": "l2", "cbp": "replacement_rate", "cbp_l2": "replacement_rate",
-    "l2_er_joint": "erank", "l2_init": "l2_init", "spectral_reg": "spectral_reg",
-    "parseval": "parseval", "shrink_perturb": "noise_std", "redo": "redo_tau",
+# The strengths each method is tuned over (the paper's grids: L2 wd, ER/L2-ER ascent step size,
+# CBP replacement rate, LayerNorm+L2 wd, S&P noise, spectral-norm strength). L2-ER is tuned
+# over its L2 as well: in random-label memorization its re-derived L2 alone decides whether the
+# network learns at all (a product grid, vmapped together).
+STRENGTH: dict[str, tuple[str, ...]] = {
+    "l2": ("l2",), "l2_er": ("l2", "erank_learning_rate"), "er": ("erank_learning_rate",),
+    "layernorm_l2": ("l2",), "cbp": ("replacement_rate",), "cbp_l2": ("replacement_rate",),
+    "l2_er_joint": ("erank",), "l2_init": ("l2_init",), "spectral_reg": ("spectral_reg",),
+    "parseval": ("parseval",), "shrink_perturb": ("noise_std",), "redo": ("redo_tau",),
 }
 _GRADIENT_PENALTIES = ("l2", "l2_init", "spectral_reg", "parseval", "erank")
 _PER_STEP = ("shrink", "replacement_rate")
@@ -112,35 +114,42 @@ def centred_grid(value: float, factor: float = GRID_FACTOR) -> tuple[float, floa
     return tuple(float(f"{v:.2g}") for v in (value / factor, value, value * factor))
 
 
+Grids = dict[str, dict[str, tuple[float, ...]]]  # method -> strength -> values
+
+
 def tuning_grids(methods: Sequence[str], settings_by_method: Mapping[str, Mapping[str, Any]],
-                 shared: Mapping[str, Any] | None = None
-                 ) -> dict[str, tuple[str, tuple[float, ...]]]:
-    """Per tunable method of ``methods``: ``(strength name, grid centred on its value)``, the
-    value being the method's own setting, else the shared one (``shared``, a config's
-    ``method_settings``), else the default. Methods without a strength (bp, reset) are not
-    tuned."""
+                 shared: Mapping[str, Any] | None = None) -> Grids:
+    """Per tunable method of ``methods``: a grid centred on its value for each of its strengths
+    (``STRENGTH``), the value being the method's own setting, else the shared one (``shared``,
+    a config's ``method_settings``), else the default. Methods without a strength (bp, reset)
+    are not tuned."""
     grids = {}
     for m in methods:
         if m in STRENGTH:
-            name = STRENGTH[m]
-            value = {**method_registry.DEFAULTS, **dict(shared or {}),
-                     **dict(settings_by_method.get(m, {}) or {})}[name]
-            grids[m] = (name, centred_grid(float(value)))
+            values = {**method_registry.DEFAULTS, **dict(shared or {}),
+                      **dict(settings_by_method.get(m, {}) or {})}
+            grids[m] = {name: centred_grid(float(values[name])) for name in STRENGTH[m]}
     return grids
 
 
-def check_tuning(grids: Mapping[str, tuple[str, Sequence[float]]], tuning_seeds: Sequence[int],
-                 eval_seeds: Sequence[int]) -> None:
+def check_tuning(grids: Mapping[str, Mapping[str, Sequence[float]]],
+                 tuning_seeds: Sequence[int], eval_seeds: Sequence[int]) -> None:
     """Refuses, before anything runs: a grid of fewer than 2 distinct values, a strength that
-    is not a method setting, no tuning or evaluation seeds, and evaluation seeds that overlap
-    the tuning seeds (the selection would be tested on the seeds it was chosen on)."""
-    for method, (name, values) in grids.items():
-        if name not in method_registry.DEFAULTS:
-            raise ValueError(f"tuning grid of {method}: {name!r} is not a method setting; valid: "
-                             f"{sorted(method_registry.DEFAULTS)}")
-        if len(set(values)) < 2:
-            raise ValueError(f"tuning grid of {method} ({name}) has {len(set(values))} distinct "
-                             f"value(s) {list(values)}: a selection needs at least 2")
+    is not a method setting, a product grid over a strength the trainers cannot vmap, no tuning
+    or evaluation seeds, and evaluation seeds that overlap the tuning seeds (the selection
+    would be tested on the seeds it was chosen on)."""
+    for method, strengths in grids.items():
+        for name, values in strengths.items():
+            if name not in method_registry.DEFAULTS:
+                raise ValueError(f"tuning grid of {method}: {name!r} is not a method setting; "
+                                 f"valid: {sorted(method_registry.DEFAULTS)}")
+            if len(set(values)) < 2:
+                raise ValueError(f"tuning grid of {method} ({name}) has {len(set(values))} "
+                                 f"distinct value(s) {list(values)}: a selection needs at "
+                                 "least 2")
+        if len(strengths) > 1 and not set(strengths) <= VMAPPED:
+            raise ValueError(f"tuning grid of {method}: a product grid needs strengths the "
+                             f"trainers vmap ({sorted(VMAPPED)}), got {sorted(strengths)}")
     if not tuning_seeds or not eval_seeds:
         raise ValueError("tuning and evaluation each need at least one seed")
     overlap = sorted(set(tuning_seeds) & set(eval_seeds))
@@ -151,46 +160,45 @@ def check_tuning(grids: Mapping[str, tuple[str, Sequence[float]]], tuning_seeds:
 
 
 class Selection(NamedTuple):
-    """The grid results of one method and the value selected.
+    """The grid results of one method and the setting selected.
 
     Attributes:
-      setting: the strength tuned.
-      table: one row per grid value: ``value``, ``mean``, ``low``, ``high`` (95% Student-t
-        interval over tuning seeds) and ``n`` (tuning seeds that finished without diverging).
-      value: the selected value (best mean).
+      strengths: the settings tuned.
+      table: one row per grid point: a column per strength, ``mean``, ``low``, ``high`` (95%
+        Student-t interval over tuning seeds) and ``n`` (tuning seeds that finished without
+        diverging).
+      value: the selected setting, ``{strength: value}`` (best mean).
     """
 
-    setting: str
+    strengths: tuple[str, ...]
     table: pd.DataFrame
-    value: float
+    value: dict[str, float]
 
 
-def select(finals: pd.DataFrame, setting: str, higher_is_better: bool) -> Selection:
-    """Selects the grid value with the best mean final performance over the tuning seeds.
+def select(finals: pd.DataFrame, strengths: Sequence[str], higher_is_better: bool
+           ) -> Selection:
+    """Selects the grid point with the best mean final performance over the tuning seeds.
 
     Args:
-      finals: one row per (grid value, tuning seed): columns ``setting`` and ``final`` (a
-        run's final performance; NaN for a diverged run, which counts as the worst).
-      setting: the tuned strength (a column of ``finals``).
+      finals: one row per (grid point, tuning seed): a column per strength and ``final`` (a
+        run's final performance; NaN for a diverged run, whose grid point cannot be selected).
+      strengths: the tuned settings (columns of ``finals``).
       higher_is_better: accuracy (True) or loss (False).
     """
-    if setting not in finals or "final" not in finals:
-        raise ValueError(f"finals needs the columns {setting!r} and 'final'; has "
-                         f"{list(finals.columns)}")
+    strengths = list(strengths)
+    missing = sorted(set([*strengths, "final"]) - set(finals.columns))
+    if missing:
+        raise ValueError(f"finals needs the columns {missing}; has {list(finals.columns)}")
     rows = []
-    for value, group in finals.groupby(setting):
-        x = group["final"].to_numpy(float)
-        x = x[np.isfinite(x)]
-        mean = float(x.mean()) if len(x) else float("nan")
-        half = (float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-                if len(x) > 1 else float("nan"))
-        rows.append({"value": float(value), "mean": mean, "low": mean - half,
-                     "high": mean + half, "n": len(x), "seeds": len(group)})
+    for point, group in finals.groupby(strengths):
+        i = claims.t_interval(group["final"])
+        rows.append({**dict(zip(strengths, map(float, point), strict=True)), "mean": i.mean,
+                     "low": i.low, "high": i.high, "n": i.n, "seeds": len(group)})
     table = pd.DataFrame(rows)
-    complete = table[table["n"] == table["seeds"]]  # a setting that diverged on a seed loses
+    complete = table[table["n"] == table["seeds"]]  # a point that diverged on a seed loses
     if complete.empty:
-        raise ValueError(f"every value of {setting} diverged on some tuning seed: widen or move "
-                         "the grid")
-    score = complete["mean"] if higher_is_better else -complete["mean"]
-    return Selection(setting, table.drop(columns="seeds"),
-                     float(complete.loc[score.idxmax(), "value"]))
+        raise ValueError(f"every grid point of {strengths} diverged on some tuning seed: widen "
+                         "or move the grid")
+    best = (complete["mean"] if higher_is_better else -complete["mean"]).idxmax()
+    return Selection(tuple(strengths), table.drop(columns="seeds"),
+                     {k: float(complete.loc[best, k]) for k in strengths})

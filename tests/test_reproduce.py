@@ -95,7 +95,7 @@ def test_tune_on_tuning_seeds_then_evaluate_the_selection_on_fresh_seeds(tmp_pat
     study = reproduce.Study("slowly_changing_regression", ("bp", "l2", "cbp"), tuning_seeds=2,
                             eval_seeds=2, overrides=TINY, window=2, eps_grid=(1e-3, 1e-2, 0.1))
     plan = reproduce.plan_study(study, "small")
-    assert plan.grids["l2"] == ("l2", (1e-5, 1e-4, 1e-3))  # the shared default, centred
+    assert plan.grids["l2"] == {"l2": (1e-5, 1e-4, 1e-3)}  # the shared default, centred
     reproduce.run_study(tmp_path, plan, "small")
     directory = tmp_path / "slowly_changing_regression-small"
     tuned_l2 = pd.read_csv(directory / "tuning" / "l2" / "results.csv")
@@ -107,7 +107,7 @@ def test_tune_on_tuning_seeds_then_evaluate_the_selection_on_fresh_seeds(tmp_pat
     last = tuned_l2[tuned_l2["task"] >= 2]
     best = last.groupby("l2")["eval_loss"].mean().idxmin()
     tuned = reproduce.select_on_tuning_seeds(directory, plan)
-    assert tuned.selections["l2"].value == pytest.approx(best)
+    assert tuned.selections["l2"].value == {"l2": pytest.approx(best)}
     assert set(tuned.curves) == {"smoothed"} and tuned.eps in study.eps_grid
     for method in study.methods:
         table = pd.read_csv(directory / "eval" / method / "results.csv")
