@@ -5,7 +5,8 @@ An experiment is a Python file ``experiments/<name>.py`` whose ``get_config(scal
 
 - ``trainer``: which trainer runs it (``"supervised"`` or ``"ppo"``);
 - ``methods``: the plasticity methods to compare (names of ``train.method_registry``);
-- ``seeds``: how many seeds per method and hyperparameter setting (vmapped);
+- ``seeds``: how many seeds per method and hyperparameter setting (vmapped), the seeds
+  ``seed_offset, ..., seed_offset + seeds - 1`` (``seed_offset`` optional, default 0);
 - ``sweep``: hyperparameter lists vmapped together with the seeds (may be empty);
 - ``method_settings`` (shared) and ``method_settings_by_method`` (one method's own values
   over the shared ones, e.g. ``{"l2_er": {"l2": 1e-3, "erank_learning_rate": 1e-2}}``);
@@ -176,10 +177,11 @@ def check_before_running(config: ml_collections.ConfigDict, workdir: str | Path,
     for method in methods:
         run_config = method_config(config, method)
         if "optimizer" in run_config:
-            settings = method_registry.method_plan(
-                method, method_registry.config_settings(run_config)).settings
+            settings = method_registry.resolve_settings(
+                method_registry.config_settings(run_config))
             try:
-                method_registry.swept_optimizer(method, settings, dict(run_config.optimizer), {})
+                method_registry.optimizer(method_registry.get(method), settings,
+                                          dict(run_config.optimizer), {})
             except ValueError as error:
                 raise ValueError(f"config.optimizer of method {method!r}: {error}") from error
         check_config(Path(workdir) / method, run_config.to_dict())
@@ -201,12 +203,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        restart: bool = False) -> dict[str, Path]:
     """Runs every method of ``config`` (or ``methods``) as a resumable sweep under ``workdir``.
 
+    Seeds are ``seed_offset, ..., seed_offset + seeds - 1`` (``seed_offset`` 0 unless set).
     ``restart``: start a method over when its rows have no readable checkpoint (see
     ``run_sweep``). Returns the run directory of each method.
     """
     methods = list(methods or config.methods)
     check_before_running(config, workdir, methods)
-    seeds = list(range(config.seeds))
+    offset = int(config.get("seed_offset", 0))
+    seeds = list(range(offset, offset + config.seeds))
     grid = hparam_grid(dict(config.sweep)) if config.sweep else [{}]
     run_dirs = {}
     for method in methods:

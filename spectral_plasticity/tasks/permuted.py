@@ -8,7 +8,8 @@ training images, online (batch 1), 2,000 held-out images per task.
 
 ``RelabeledImages``: the images stay as they are (unpermuted) and every task draws new labels
 for a subset of ``train_size`` training images fixed for the whole run (drawn from the run key),
-presented once per task in a fresh random order:
+presented ``epochs`` times per task (default once), every epoch in a fresh random order, so a
+task's ``train_size`` (the examples it presents) is ``epochs`` x the subset's size:
 
 - ``mode="random"``: every image of the subset gets a fresh uniformly random label at every
   task (random-label memorization; Zhang et al. 2017, Lyle et al. 2022). Held-out images carry
@@ -21,6 +22,10 @@ presented once per task in a fresh random order:
 Inputs are flattened (``(pixels,)``, for MLPs) unless ``flatten=False`` (relabeled images only),
 which keeps the stored image shape with a channel axis, e.g. ``(32, 32, 3)`` for CIFAR-100 or
 ``(28, 28, 1)`` for MNIST, for convolutional nets.
+
+Random-label memorization as Kumar et al. (2023, "Maintaining plasticity via regenerative
+regularization") and Lyle et al. (2023) run it: ``mode="random", train_size=512, epochs=40``
+at batch 16, so a task is 1,280 steps over its fixed 512 images.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class _ImageStream(TaskStream):
 
     def __init__(self, data: ImageDataset, *, name: str, num_tasks: int,
                  train_size: int | None = None, eval_size: int = 2000, num_classes: int = 10,
-                 flatten: bool = True) -> None:
+                 flatten: bool = True, epochs: int = 1) -> None:
         n_train, n_test = len(data.train_images), len(data.test_images)
         train_size = n_train if train_size is None else train_size
         if not 0 < train_size <= n_train:
@@ -64,11 +69,14 @@ class _ImageStream(TaskStream):
                              f"{eval_size}")
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs}")
         largest = int(max(data.train_labels.max(), data.test_labels.max()))
         if largest >= num_classes:
             raise ValueError(f"label {largest} is out of range for num_classes={num_classes}")
         self.name, self.num_tasks = name, num_tasks
-        self.train_size, self.eval_size = train_size, eval_size
+        self.subset_size, self.epochs = train_size, epochs
+        self.train_size, self.eval_size = epochs * train_size, eval_size
         self.num_outputs = num_classes
         pixels = int(np.prod(data.train_images.shape[1:]))
         image_shape = tuple(data.train_images.shape[1:])
@@ -90,11 +98,13 @@ class _ImageStream(TaskStream):
             order = jax.random.permutation(keys[1], n_train)[: self.train_size]
             return ImageTask(pixel_order, order, self._train_y[order],
                              jnp.arange(self.eval_size), self._test_y)
-        # Relabeled: the run's subset (from the run key alone) in a fresh order per task.
-        subset = jax.random.permutation(run_key, n_train)[: self.train_size]
-        slots = jax.random.permutation(keys[1], self.train_size)
+        # Relabeled: the run's subset (from the run key alone), each epoch in a fresh order.
+        size = self.subset_size
+        subset = jax.random.permutation(run_key, n_train)[:size]
+        epoch_keys = keys[1][None] if self.epochs == 1 else jax.random.split(keys[1], self.epochs)
+        slots = jax.vmap(lambda k: jax.random.permutation(k, size))(epoch_keys).reshape(-1)
         if self.label_mode == "random":
-            slot_labels = jax.random.randint(keys[2], (self.train_size,), 0, classes)
+            slot_labels = jax.random.randint(keys[2], (size,), 0, classes)
             return ImageTask(pixel_order, subset[slots], slot_labels[slots],
                              subset[: self.eval_size], slot_labels[: self.eval_size])
         label_map = jax.random.permutation(keys[3], classes)
@@ -129,7 +139,11 @@ class PermutedImages(_ImageStream):
 
 
 class RelabeledImages(_ImageStream):
-    """Random-label or shuffled-label tasks over an image data set (see the module docstring)."""
+    """Random-label or shuffled-label tasks over an image data set (see the module docstring).
+
+    ``train_size`` is the size of the run's fixed subset and ``epochs`` the passes over it per
+    task; ``self.train_size`` is then the examples a task presents, ``epochs * train_size``.
+    """
 
     permute_pixels = False
 

@@ -95,3 +95,21 @@ def test_redraw_mode_and_bad_arguments():
         SlowlyChangingRegression(num_inputs=40, num_slow_bits=15)
     with pytest.raises(ValueError, match="must be positive"):
         SlowlyChangingRegression(flip_after=0)
+
+
+def test_the_paper_scale_experiment_is_dohares_published_protocol():
+    # lop/slowly_changing_regression/cfg/sgd/bp/relu.json and cfg/flip_one/relu.json
+    # (github.com/shibhansh/loss-of-plasticity): 1e6 examples, flip_after 10000, 20 inputs of
+    # which 15 flip (one at a time), 100 target features, beta 0.7, 5 ReLU features, SGD step
+    # size 0.01, one example per step.
+    from spectral_plasticity import experiment
+    from spectral_plasticity.train.supervised import _stream
+
+    config = experiment.load_config("slowly_changing_regression", "paper")
+    stream = _stream(config)
+    assert stream.num_tasks * stream.train_size == 1_000_000 and stream.train_size == 10_000
+    assert (stream.input_shape, stream.num_slow_bits, stream.num_target_features,
+            stream.beta, stream.flip_one) == ((20,), 15, 100, 0.7, True)
+    assert tuple(config.model.hidden_sizes) == (5,) and config.model.activation == "relu"
+    assert dict(config.optimizer) == {"name": "sgd", "learning_rate": 0.01}
+    assert config.batch_size == 1 and config.plots.performance == "train_loss"

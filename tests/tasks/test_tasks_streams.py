@@ -139,6 +139,40 @@ def test_random_labels_are_redrawn_per_task_on_a_fixed_subset_and_eval_is_memori
         RelabeledImages(data, mode="noisy", name="n", num_tasks=1, train_size=5)
 
 
+def test_epochs_present_the_fixed_subset_epoch_after_epoch_with_one_labeling_per_task(
+        tiny_idx):
+    directory, arrays = tiny_idx
+    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+    once = RelabeledImages(data, mode="random", name="r", num_tasks=2, train_size=12,
+                           eval_size=12)
+    stream = RelabeledImages(data, mode="random", name="r", num_tasks=2, train_size=12,
+                             eval_size=12, epochs=3)
+    assert stream.train_size == 36 and stream.check_batch_size(4) == 9
+    key = jax.random.key(3)
+    for t in range(2):
+        task = stream.begin_task(key, jnp.asarray(t))
+        reference = once.begin_task(key, jnp.asarray(t))
+        order = np.asarray(task.example_order).reshape(3, 12)
+        labels = np.asarray(task.labels).reshape(3, 12)
+        subset = set(np.asarray(reference.example_order).tolist())
+        label_of = dict(zip(np.asarray(reference.example_order).tolist(),
+                            np.asarray(reference.labels).tolist(), strict=True))
+        for epoch in range(3):  # every epoch: the run's subset once, labels of this task
+            assert set(order[epoch].tolist()) == subset
+            assert [label_of[i] for i in order[epoch]] == labels[epoch].tolist()
+        assert len({tuple(o) for o in order.tolist()}) == 3  # a fresh order per epoch
+        x, y = stream.train_batch(task, jnp.asarray(8), 4)  # the last batch of the task
+        np.testing.assert_allclose(x, arrays["train_images"].reshape(50, 16)[order[2, 8:]]
+                                   / 255.0)
+        assert np.asarray(y).tolist() == labels[2, 8:].tolist()
+        # Eval: memorization of the same labels; epochs=1 is the stream of before.
+        np.testing.assert_array_equal(task.eval_labels, reference.eval_labels)
+        np.testing.assert_array_equal(stream.eval_data(task)[0], once.eval_data(reference)[0])
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        RelabeledImages(data, mode="random", name="r", num_tasks=1, train_size=5, eval_size=5,
+                        epochs=0)
+
+
 def test_shuffled_labels_permute_the_classes_per_task(tiny_idx):
     directory, arrays = tiny_idx
     data = load_idx_dataset("mnist", directory, download=False, verify=False)
