@@ -60,7 +60,7 @@ STRONG_R2 = 0.5
 EVAL_SEED_OFFSET = 1000
 EPS_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 # The new estimate of the epsilon-rank and the paper's smoothed measure (results columns).
-ERANK, SMOOTHED_ERANK = "epsilon_rank_init", "smoothed_epsilon_rank_init"
+ERANK, SMOOTHED_ERANK = "epsilon_rank_init", "epsilon_rank_smoothed_init"
 # Signals at a task's start compared for predicting the next tasks; the last three are
 # recorded at a task's end (taken from the task before).
 SIGNALS = {"epsilon-rank": ERANK, "smoothed epsilon-rank": SMOOTHED_ERANK,

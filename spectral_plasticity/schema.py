@@ -45,7 +45,13 @@ METRICS: dict[str, Metric] = {
     "train_accuracy": Metric(True, "online training accuracy"),
     "eval_accuracy": Metric(True, "held-out accuracy at the task's end"),
     "weight_norm": Metric(None, "L2 norm of all parameters at the row's end"),
-    "epsilon_rank": Metric(True, "Hessian epsilon-rank (measured: _init, _end)"),
+    "epsilon_rank": Metric(True, "Hessian epsilon-rank, the quadrature estimate (_init, _end)"),
+    "epsilon_rank_lo": Metric(True, "lower end of its interval (certain bounds - 2 SE)"),
+    "epsilon_rank_hi": Metric(True, "upper end of its interval (certain bounds + 2 SE)"),
+    "epsilon_rank_se": Metric(None, "its standard error over Lanczos probes"),
+    "epsilon_rank_smoothed": Metric(True, "the paper code's Gaussian-smoothed epsilon-rank"),
+    "epsilon_rank_smoothing_sigma": Metric(None, "the smoothing kernel's sigma"),
+    "epsilon_rank_kernel_tail": Metric(None, "the zero node's kernel tail outside [-eps, eps]"),
     "top_eigenvalue": Metric(None, "largest Ritz value of the Hessian (_init, _end)"),
     "episode_return": Metric(True, "online episodic return over the phase"),
     "episode_return_last": Metric(True, "online episodic return over the phase's last tenth"),
@@ -61,6 +67,8 @@ METRICS: dict[str, Metric] = {
     # arrays (arrays/*.npz)
     "density": Metric(None, "Hessian spectral density on density_grid (_init, _end)"),
     "density_grid": Metric(None, "the grid of the spectral densities"),
+    "ritz_nodes": Metric(None, "Lanczos Ritz values, (probes, steps) (_init, _end)"),
+    "ritz_weights": Metric(None, "their Gauss quadrature weights (_init, _end)"),
     "update_return_sum": Metric(None, "per update: sum of the returns of finished episodes"),
     "update_episodes": Metric(None, "per update: episodes finished"),
 }

@@ -201,7 +201,7 @@ def test_report_from_synthetic_runs_shows_selections_eps_claims_and_signals(tmp_
                 rows.append({"method": method, "run": s - 1000, "seed": s, "task": t,
                              "eval_loss": 0.2 + slope * t + noise[t],
                              "epsilon_rank_init": 0.9 - slope * t + rng.normal(0, 0.01),
-                             "smoothed_epsilon_rank_init": 0.5 + rng.normal(0, 0.05),
+                             "epsilon_rank_smoothed_init": 0.5 + rng.normal(0, 0.05),
                              "effective_rank/hidden_0": 5 - slope * t,
                              "dormant_fraction/hidden_0": rng.uniform(),
                              "weight_norm": 3 + rng.normal(), "diverged": False})
@@ -221,7 +221,7 @@ def test_report_from_synthetic_runs_shows_selections_eps_claims_and_signals(tmp_
     assert lines["2. epsilon-rank tracks performance (`epsilon_rank_init`)"].endswith(
         "| reproduced |")
     # the smoothed column is noise here: no link
-    assert lines["2. epsilon-rank tracks performance (`smoothed_epsilon_rank_init`)"].endswith(
+    assert lines["2. epsilon-rank tracks performance (`epsilon_rank_smoothed_init`)"].endswith(
         "| inconclusive (the interval contains 0) |")
     assert "2. the collapse precedes the loss" in lines
     assert "| epsilon-rank | " in text and "| weight norm | " in text

@@ -68,6 +68,7 @@ from spectral_plasticity.curvature.spectrum import (
     hessian_trace,
     smoothed_epsilon_rank,
     spectral_density,
+    spectrum_record,
     tau_trainability,
     top_eigenvalues,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "smoothed_epsilon_rank",
     "spectral_density",
     "spectrum_effective_rank",
+    "spectrum_record",
     "tau_trainability",
     "top_eigenvalues",
     "tridiagonal",

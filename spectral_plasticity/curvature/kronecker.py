@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from spectral_plasticity import linalg
-
 from spectral_plasticity.curvature.factors import KroneckerFactors
 from spectral_plasticity.curvature.spectrum import epsilon_count
 

@@ -460,6 +460,17 @@ def epsilon_rank_record(density: SpectralDensity, eps: float | jax.Array
                     strict=True))
 
 
+def spectrum_record(density: SpectralDensity, eps: float | jax.Array) -> dict[str, jax.Array]:
+    """What a trainer records of one measured spectrum: ``epsilon_rank_record``, the largest
+    Ritz value with weight (``top_eigenvalue``), the smoothed ``density`` on ``density_grid``,
+    and the quadrature itself, ``ritz_nodes``/``ritz_weights`` ``(num_probes, num_iters)``, from
+    which the epsilon-rank estimate and bounds can be recomputed later at any eps."""
+    top = jnp.max(jnp.where(density.weights > 0, density.nodes, -jnp.inf))
+    return {**epsilon_rank_record(density, eps), "top_eigenvalue": top,
+            "density": density.density, "density_grid": density.grid,
+            "ritz_nodes": density.nodes, "ritz_weights": density.weights}
+
+
 def fast_threshold(learning_rate: float | jax.Array, steps: int | jax.Array,
                    gamma: float | jax.Array) -> jax.Array:
     """``(1 - gamma^(1/K)) / eta``: eigenvalues above it shrink the error by ``gamma`` in K steps.

@@ -61,7 +61,7 @@ import ml_collections
 import optax
 
 from spectral_plasticity import metrics, schema
-from spectral_plasticity.curvature import epsilon_rank_record, spectral_density
+from spectral_plasticity.curvature import spectral_density, spectrum_record
 from spectral_plasticity.methods.method import StepInputs
 from spectral_plasticity.models import unit_layers
 from spectral_plasticity.rl import envs as envs_lib
@@ -462,9 +462,7 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         density = spectral_density(full_batch_loss, params, key=key,
                                    num_iters=int(hess.num_iters),
                                    num_probes=int(hess.num_probes), grid_size=int(hess.grid_size))
-        top = jnp.max(jnp.where(density.weights > 0, density.nodes, -jnp.inf))
-        return {**epsilon_rank_record(density, hess.eps), "top_eigenvalue": top,
-                "density": density.density, "density_grid": density.grid}
+        return spectrum_record(density, hess.eps)
 
     def run_phase(state: RunnerState, hparams: Mapping[str, jax.Array]):
         tx = optimizer(hparams)

@@ -36,11 +36,10 @@ import optax
 
 from spectral_plasticity import metrics, schema
 from spectral_plasticity.curvature import (
-    EPSILON_RANK_COLUMNS,
     dataset_operator,
-    epsilon_rank_record,
     kfac_diagnostics,
     spectral_density,
+    spectrum_record,
 )
 from spectral_plasticity.methods import reset_head
 from spectral_plasticity.methods.method import StepInputs
@@ -229,16 +228,12 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         op = dataset_operator(apply, loss_fn, params, (x, y), chunk_size=hess.chunk_size)
         density = spectral_density(op, key=key, num_iters=min(hess.num_iters, op.dim),
                                    num_probes=hess.num_probes, grid_size=hess.grid_size)
-        return {**epsilon_rank_record(density, hess.eps),
-                "top_eigenvalue": jnp.max(jnp.where(density.weights > 0, density.nodes,
-                                                    -jnp.inf)),
-                "density": density.density, "density_grid": density.grid}
+        return spectrum_record(density, hess.eps)
 
-    def nan_curvature():
-        nan = jnp.full((), jnp.nan)
-        grid = jnp.full((hess.grid_size,), jnp.nan)
-        return {**dict.fromkeys(EPSILON_RANK_COLUMNS, nan), "top_eigenvalue": nan,
-                "density": grid, "density_grid": grid}
+    def nan_curvature(*args):
+        """NaN in the shapes ``curvature(*args)`` records (rows of unmeasured tasks)."""
+        return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                            jax.eval_shape(curvature, *args))
 
     layers = tuple(config.kfac.compare_layers)
     kfac_compare = True if layers == ("all",) else layers
@@ -268,8 +263,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         zero_head = lambda p, o: reset_head(p, o, jax.tree.map(jnp.zeros_like, p))
         if reset_head_at == "before_hessian":  # zeroed, as Dohare et al.'s continual ImageNet
             params, opt_state = zero_head(params, opt_state)
-        at_init = (curvature(params, model_state, hess_x, hess_y, mask, k_init) if measure
-                   else nan_curvature())
+        at_init = (curvature if measure else nan_curvature)(params, model_state, hess_x, hess_y,
+                                                            mask, k_init)
         if config.kfac.enabled:
             if measure:  # one measurement loop after the other (see below)
                 at_init, params = jax.lax.optimization_barrier((at_init, params))
@@ -331,8 +326,8 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         if classification:
             row["train_accuracy"] = jnp.mean(online["correct"])
             row["eval_accuracy"] = jnp.mean(accuracy(eval_out, eval_y, mask))
-        at_end = (curvature(params, model_state, hess_x, hess_y, mask, k_end) if measure
-                  else nan_curvature())
+        at_end = (curvature if measure else nan_curvature)(params, model_state, hess_x, hess_y,
+                                                           mask, k_end)
         if measure:
             at_end, params, opt_state = jax.lax.optimization_barrier((at_end, params, opt_state))
         kfac_row = at_init.pop("kfac", {})

@@ -67,13 +67,13 @@ def test_truncated_missing_and_undownloadable_data_are_clear_errors(cifar_archiv
     (folder / "cifar-100-python" / "test").write_bytes(raw[:1000])
     with pytest.raises(DataError, match="test file is not a readable CIFAR pickle"):
         load_cifar100(folder, verify=False)
-    with pytest.raises(DataError, match=r"CIFAR-100 not found \(looked in .*empty.*cache"
-                                        r"/cifar100\).*curl -O https://www.cs.toronto.edu"):
+    with pytest.raises(DataError, match=r"CIFAR-100 not found in the given data_dir .*empty "
+                                        r"\(config stream.data_dir.*curl -O https://www.cs.to"):
         load_cifar100(isolated / "empty", download=False)
     monkeypatch.setattr(cifar, "URL", "http://127.0.0.1:9/cifar-100-python.tar.gz")
     with pytest.raises(DataError, match="not found and could not be downloaded .*"
                                         "SPECTRAL_PLASTICITY_DATA/cifar100"):
-        make_stream("incremental_cifar100", data_dir=isolated / "empty")
+        make_stream("incremental_cifar100")  # the default places: a download is tried
     assert not (isolated / "cache" / "cifar100" / "cifar-100-python.tar.gz").exists()
 
 

@@ -19,7 +19,7 @@ from spectral_plasticity.tasks.idx import ImageDataset
 from spectral_plasticity.train import method_registry, run_sweep, supervised
 
 STEPS = 10  # examples (online steps) per task
-HESSIAN_METRICS = ("density", "epsilon_rank", "top_eigenvalue")
+HESSIAN_METRICS = ("density", "epsilon_rank", "top_eigenvalue", "ritz_")
 
 
 class TinyStream(PermutedImages):
@@ -261,7 +261,9 @@ def test_swept_names_the_method_does_not_read_are_refused(tiny_stream, method, s
 
 
 HOOK_SWEEPS = {  # a method, its settings, and two values of one of its hook settings
-    "l2_er": ({"erank_batch": 5, "erank_learning_rate": 0.3}, "erank_every", (3, 4)),
+    # (erank_every is a hook setting too, but with the ER window erank_batch = erank_every x
+    # batch_size enforced, its sweep is exercised by "redo"'s redo_every)
+    "l2_er": ({"erank_batch": 5, "erank_every": 5}, "erank_learning_rate", (0.3, 0.1)),
     "cbp": ({"maturity_threshold": 1}, "replacement_rate", (0.5, 0.2)),
     "redo": ({"redo_tau": 1.0, "erank_batch": 5}, "redo_every", (3, 4)),
 }
