@@ -134,7 +134,7 @@ def test_tune_on_tuning_seeds_then_evaluate_the_selection_on_fresh_seeds(tmp_pat
     best = last.groupby("l2")["eval_loss"].mean().idxmin()
     tuned = reproduce.select_on_tuning_seeds(directory, plan)
     assert tuned.selections["l2"].value == {"l2": pytest.approx(best)}
-    assert set(tuned.curves) == {"smoothed"} and tuned.eps in study.eps_grid
+    assert set(tuned.curves) == {"estimate", "smoothed"} and tuned.eps in study.eps_grid
     for method in study.methods:
         table = pd.read_csv(directory / "eval" / method / "results.csv")
         assert sorted(set(table["seed"])) == [1000, 1001]  # fresh seeds
