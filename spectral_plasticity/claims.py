@@ -30,6 +30,9 @@ ALPHA = 0.05
 # density on its grid (the paper's measure).
 NODES, WEIGHTS = "ritz_nodes_init", "ritz_weights_init"
 DENSITY, DENSITY_GRID = "density_init", "density_grid"
+# An eps is resolved when the estimate's interval half-width there is at most this (median over
+# the measured tasks): the target of docs/MEASURING.md.
+RESOLUTION = 0.03
 
 
 class Interval(NamedTuple):
@@ -143,6 +146,38 @@ def epsilon_rank_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float],
     return np.sum(weights[..., None] * outside, axis=-2).mean(axis=-2)
 
 
+def resolution_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float]) -> np.ndarray:
+    """Half-width of the estimate's interval (``FractionBounds.interval()``: the certain
+    Chebyshev-Markov-Stieltjes bounds widened by 2 standard errors over probes) at every
+    ``eps``, from the recorded quadratures ``NODES``/``WEIGHTS``: ``(runs, rows, len(eps))``,
+    NaN where nothing was measured. Where it is large, eps is below what the Lanczos run
+    resolves (docs/MEASURING.md) and the estimate there must not be read as precise."""
+    import jax
+    import jax.numpy as jnp
+
+    from spectral_plasticity.curvature import SpectralDensity, epsilon_rank_bounds
+
+    nodes, weights = np.asarray(arrays[NODES]), np.asarray(arrays[WEIGHTS])
+    lead = nodes.shape[:-2]
+    flat_nodes = nodes.reshape(-1, *nodes.shape[-2:])
+    flat_weights = weights.reshape(flat_nodes.shape)
+    measured = np.all(np.isfinite(flat_nodes), axis=(-2, -1))
+    empty = jnp.zeros((1,))
+
+    @jax.jit
+    def half_widths(n: jax.Array, w: jax.Array) -> jax.Array:
+        def one(e: jax.Array) -> jax.Array:
+            lo, hi = epsilon_rank_bounds(SpectralDensity(empty, empty, n, w, empty[0]),
+                                         e).interval()
+            return (hi - lo) / 2
+        return jax.vmap(one)(jnp.asarray(eps, n.dtype))
+
+    out = np.full((flat_nodes.shape[0], len(eps)), np.nan)
+    for i in np.flatnonzero(measured):
+        out[i] = np.asarray(half_widths(flat_nodes[i], flat_weights[i]))
+    return out.reshape(*lead, len(eps))
+
+
 def r2_over_eps(tables: Mapping[str, pd.DataFrame], ranks: Mapping[str, np.ndarray],
                 eps: Sequence[float], performance: str, row: str) -> pd.DataFrame:
     """R^2 (seeds averaged) of ``performance`` on the epsilon-rank at every ``eps``.
@@ -169,13 +204,18 @@ def r2_over_eps(tables: Mapping[str, pd.DataFrame], ranks: Mapping[str, np.ndarr
     return pd.DataFrame(out)
 
 
-def choose_eps(curve: pd.DataFrame) -> float:
-    """The eps of the highest R^2 among those where the link has the claimed sign (r > 0);
+def choose_eps(curve: pd.DataFrame, resolution: float = RESOLUTION) -> float:
+    """The eps of the highest R^2 among those where the link has the claimed sign (r > 0)
+    and, where the curve has a ``half_width`` column (median interval half-width of the
+    estimate on the tuning runs), the instrument resolves eps (``half_width <= resolution``);
     the pre-registered choice, made on tuning seeds only."""
     valid = curve[np.isfinite(curve["r2"]) & (curve["r"] > 0)]
+    if "half_width" in curve:
+        valid = valid[valid["half_width"] <= resolution]
     if valid.empty:
-        raise ValueError("no eps gives a positive link between epsilon-rank and performance "
-                         "on the tuning seeds; keep the configured eps")
+        raise ValueError("no eps resolved by the measurement gives a positive link between "
+                         "epsilon-rank and performance on the tuning seeds; keep the "
+                         "configured eps")
     return float(valid.loc[valid["r2"].idxmax(), "eps"])
 
 

@@ -77,8 +77,37 @@ def test_r2_over_eps_peaks_at_the_eps_that_drives_performance_and_is_chosen():
     assert curve.set_index("eps").loc[0.05, "r2"] == pytest.approx(1.0)
     assert curve["r2"].drop(index=1).max() < 0.9
     assert claims.choose_eps(curve) == 0.05
-    with pytest.raises(ValueError, match="no eps gives a positive link"):
+    with pytest.raises(ValueError, match="no eps resolved by the measurement gives a positive"):
         claims.choose_eps(curve.assign(r=-curve["r"].abs()))
+    # An eps the measurement does not resolve is never chosen, whatever its R^2.
+    unresolved = curve.assign(half_width=np.where(curve["eps"] == 0.05, 0.2, 0.01))
+    assert claims.choose_eps(unresolved) != 0.05
+
+
+def test_resolution_is_the_half_width_of_the_estimates_interval():
+    import jax
+
+    from spectral_plasticity.curvature import (
+        CurvatureOperator,
+        epsilon_rank_bounds,
+        spectral_density,
+    )
+
+    values = jax.numpy.asarray(np.linspace(-0.2, 3.0, 400) ** 3, jax.numpy.float32)
+    op = CurvatureOperator(matvec=lambda x: values * x, dim=400, unravel=lambda x: x,
+                           params=values)
+    densities = [spectral_density(op, key=jax.random.key(k), num_iters=12, num_probes=2,
+                                  grid_size=100) for k in range(2)]
+    nan = np.full((2, 12), np.nan)
+    arrays = {claims.NODES: np.stack([[d.nodes for d in densities], [nan, nan]]),
+              claims.WEIGHTS: np.stack([[d.weights for d in densities], [nan, nan]])}
+    got = claims.resolution_at(arrays, [0.01, 0.5])
+    assert got.shape == (2, 2, 2) and np.all(np.isnan(got[1]))
+    for k, density in enumerate(densities):
+        for j, eps in enumerate((0.01, 0.5)):
+            lo, hi = epsilon_rank_bounds(density, eps).interval()
+            np.testing.assert_allclose(got[0, k, j], (float(hi) - float(lo)) / 2, rtol=1e-5)
+    assert np.all((got[0] > 0) & (got[0] <= 0.5))
 
 
 def _lead_lag_tables(erank_first: bool, seeds=6, tasks=40):
