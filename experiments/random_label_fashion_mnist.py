@@ -35,6 +35,9 @@ def get_config(scale: str = "small"):
     config.batch_size = 16
     config.methods = METHODS
     # The paper's settings re-derived for 1,280 steps of 0.03 per task (spectral_plasticity.tuning).
+    # The ER step every 100 steps, on the inputs of those 100 batches (as the paper's code:
+    # erank_batch = erank_every x batch_size).
+    config.method_settings.erank_batch = 100 * config.batch_size
     config.method_settings_by_method = ml_collections.ConfigDict(
         derived_settings(METHODS, learning_rate=0.03, steps_per_task=40 * 512 // 16))
     # 100 Lanczos steps, eps 0.1: resolved at this width (docs/MEASURING.md); make reproduce

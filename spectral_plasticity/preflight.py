@@ -80,6 +80,14 @@ def _shrink_networks(model: ml_collections.ConfigDict) -> None:
         model.stage_channels = tuple(4 for _ in model.stage_channels)
 
 
+def _clamp_erank_batch(c: ml_collections.ConfigDict, rollout: int) -> None:
+    """PPO's ER step reads at most the rollout: the tiny rollout caps every ``erank_batch``."""
+    for settings in (c.method_settings, *(c.get("method_settings_by_method", None) or {}
+                                          ).values()):
+        if settings is not None and "erank_batch" in settings:
+            settings.erank_batch = min(int(settings.erank_batch), rollout)
+
+
 def tiny_config(config: ml_collections.ConfigDict, *, shrink_model: bool = False
                 ) -> ml_collections.ConfigDict:
     """``config`` with one chunk of a tiny length (see the module docstring)."""
@@ -94,6 +102,7 @@ def tiny_config(config: ml_collections.ConfigDict, *, shrink_model: bool = False
         c.num_phases = c.phases_per_chunk = 1
         c.ppo.update(num_envs=2, num_steps=8 * int(c.ppo.num_minibatches), update_epochs=1)
         c.steps_per_phase = int(c.ppo.num_envs * c.ppo.num_steps)
+        _clamp_erank_batch(c, c.steps_per_phase)
         c.feature_samples = min(int(c.feature_samples), EXAMPLES)
     else:
         _shrink_stream(c.stream, int(c.batch_size))

@@ -107,7 +107,7 @@ def test_paper_scale_runs_the_preflight_first_and_preflight_only_stops_there(mon
     calls.clear()
     with flagsaver.flagsaver(scale="small", preflight="auto", only=["slippery_ant"], **paths):
         reproduce.main([])
-    assert calls == ["train"]
+    assert calls == [["slippery_ant"], "train"]
 
 
 TINY = ("stream.num_tasks=4", "stream.flip_after=40", "stream.eval_size=64", "tasks_per_chunk=2",
