@@ -54,6 +54,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/supervised.py
 	$(PY) benchmarks/ppo.py
+	$(PY) benchmarks/methods.py
 
 ## make sweep EXP=name [SCALE=paper] [SEEDS=n] [METHODS=a,b] [WORKDIR=dir] [OVERRIDES="k=v ..."]
 ##   [RESTART=1] [VERBOSITY=0]: results in WORKDIR/EXP-SCALE/<method>/ (experiment.run_dir);
