@@ -32,6 +32,7 @@ from spectral_plasticity.curvature import (
     block_ranks,
     dataset_operator,
     epsilon_rank,
+    epsilon_rank_bounds,
     kfac_factors,
     kronecker_spectrum,
     layer_inputs,
@@ -103,12 +104,12 @@ def make_diagnose(apply_fn: ApplyFn, eps: float) -> Callable[..., str]:
         factors = kfac_factors(apply_fn, params, data, cross_entropy, chunk_size=100)
         ranks = {layer: block_ranks(kronecker_spectrum(f), eps) for layer, f in factors.items()}
         dims = {layer: (f.a.shape[0], f.g.shape[0]) for layer, f in factors.items()}
-        return epsilon_rank(density, eps), ranks, dims
+        interval = epsilon_rank_bounds(density, eps).interval()
+        return epsilon_rank(density, eps), interval, ranks, dims
 
     def diagnose(params: Any, data: tuple[jax.Array, jax.Array], key: jax.Array) -> str:
-        eps_rank, ranks, dims = measure(params, data, key)
-        # Once epsilon_rank returns an unbiased estimate, print epsilon_rank_bounds here too.
-        line = f"eps-rank {float(eps_rank):.3f}"
+        eps_rank, (low, high), ranks, dims = measure(params, data, key)
+        line = f"eps-rank {float(eps_rank):.3f} [{float(low):.3f}, {float(high):.3f}]"
         for layer, r in ranks.items():
             line += (f" | {layer} rank A {int(r.rank_a)}/{int(dims[layer][0])}"
                      f" G {int(r.rank_g)}/{int(dims[layer][1])}")

@@ -26,7 +26,9 @@ def test_example_trains_both_models_and_prints_the_diagnostics(capsys):
     assert [line.split(" init")[0] for line in init] == ["linen CNN task 0", "linen CNN task 1",
                                                          "nnx MLP task 0", "nnx MLP task 1"]
     for line in init:
-        assert 0 <= float(re.search(r"eps-rank ([\d.]+)", line)[1]) <= 1
+        estimate, low, high = map(float, re.search(
+            r"eps-rank ([\d.]+) \[([\d.]+), ([\d.]+)\]", line).groups())
+        assert 0 <= low <= estimate <= high <= 1
         for rank, dim in re.findall(r"(\d+)/(\d+)", line):
             assert 0 < int(rank) <= int(dim)
     assert "| hidden_0 rank A " in init[2] and "| conv_0 rank A " in init[0]
