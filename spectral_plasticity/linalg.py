@@ -1,4 +1,4 @@
-"""Symmetric eigendecompositions and singular values that run one matrix at a time on CPU.
+"""Eigendecompositions, SVDs and QR decompositions that run one matrix at a time on CPU.
 
 Under ``vmap`` (the sweep runner's runs, stacked layers) ``jnp.linalg.eigh``/``svd`` become one
 batched LAPACK call. On CPU jaxlib runs the batch's matrices on XLA's intra-op thread pool and
@@ -55,6 +55,18 @@ _eigh = _per_matrix(jnp.linalg.eigh)
 _eigvalsh = _per_matrix(jnp.linalg.eigvalsh)
 _svd = _per_matrix(lambda x: jnp.linalg.svd(x, full_matrices=False))
 _svdvals = _per_matrix(lambda x: jnp.linalg.svd(x, compute_uv=False))
+_qr = _per_matrix(jnp.linalg.qr)
+
+
+def svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``jnp.linalg.svd(a, full_matrices=False)``: ``(U, sigma, V^T)``, sigma descending (no
+    derivative: callers differentiate in closed form)."""
+    return _svd(a)
+
+
+def qr(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.qr(a)`` (reduced): ``(Q, R)`` (no derivative)."""
+    return _qr(a)
 
 
 def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -36,6 +36,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from spectral_plasticity import linalg
 from spectral_plasticity.curvature.lanczos import LanczosResult, lanczos, ritz_pairs, tridiagonal
 from spectral_plasticity.curvature.operators import (
     CurvatureOperator,
@@ -291,7 +292,7 @@ def _radau_cdf_bounds(jacobi: LanczosResult, t: jax.Array) -> tuple[jax.Array, j
     scale = jnp.max(jnp.abs(a)) + 2 * jnp.max(jnp.abs(b), initial=0.0) + jnp.abs(t)
     usable = jnp.abs(shift) <= RADAU_SHIFT_LIMIT * scale
     radau = jacobi._replace(alphas=a.at[last].set(t + jnp.where(usable, shift, 0.0)))
-    nodes, vectors = jnp.linalg.eigh(tridiagonal(radau))
+    nodes, vectors = linalg.eigh(tridiagonal(radau))
     weights = vectors[0] ** 2
     tolerance = 16 * jnp.finfo(a.dtype).eps * (scale + jnp.abs(shift))
     lower = jnp.sum(jnp.where(nodes < t - tolerance, weights, 0.0))

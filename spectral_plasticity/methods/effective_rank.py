@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from spectral_plasticity import linalg
 from spectral_plasticity.metrics import feature_matrix
 
 PyTree = Any
@@ -113,13 +114,13 @@ def _svd(phi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     ``Phi = R^T Q^T = U_R diag(sigma) (Q V_R)^T``."""
     n, d = phi.shape
     if max(n, d) < 2 * min(n, d):
-        return jnp.linalg.svd(phi, full_matrices=False)
+        return linalg.svd(phi)
     if n < d:
-        q, r = jnp.linalg.qr(phi.T)
-        u, sigma, vt = jnp.linalg.svd(r.T)
+        q, r = linalg.qr(phi.T)
+        u, sigma, vt = linalg.svd(r.T)
         return u, sigma, vt @ q.T
-    q, r = jnp.linalg.qr(phi)
-    u, sigma, vt = jnp.linalg.svd(r)
+    q, r = linalg.qr(phi)
+    u, sigma, vt = linalg.svd(r)
     return q @ u, sigma, vt
 
 
@@ -133,7 +134,7 @@ def feature_effective_rank(features: jax.Array) -> jax.Array:
     """
     _check_features(features)
     phi = feature_matrix(features)
-    return _entropy_rank(jnp.linalg.svd(phi, compute_uv=False), *phi.shape)[0]
+    return _entropy_rank(linalg.svdvals(phi), *phi.shape)[0]
 
 
 @feature_effective_rank.defjvp

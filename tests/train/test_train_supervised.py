@@ -6,6 +6,7 @@ data. References: dense ``jax.hessian`` + ``numpy.linalg.eigh`` for the Hessian 
 separate unvmapped runs for the vmapped ones, a one-chunk run for the chunked one.
 """
 
+import re
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -336,3 +337,23 @@ def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
         assert np.isnan(rows[f"{name}_init"][1])  # task 1 is not measured
     for name in rows:  # every column is in the result schema, with its direction
         schema.metric(name)
+
+
+@pytest.mark.parametrize("method", ["l2_er", "l2_er_joint", "redo"])
+def test_every_lapack_call_of_a_vmapped_chunk_sees_one_matrix(tiny_stream, method):
+    """The XLA CPU stall (docs/RELIABILITY.md): a LAPACK call over a batch of matrices blocks
+    a pool thread on the pool itself. The whole chunk of a method that takes SVDs (ER ascent,
+    joint L2-ER, ReDo's scoring), with the Hessian and KFAC measured and seeds vmapped, must
+    give every LAPACK call a single matrix (result rank <= 2)."""
+    config = tiny_config(method, measure=True, erank_every=5, erank_batch=5, erank=1.0,
+                         redo_every=5)
+    config.kfac.update(enabled=True, compare_layers=())
+    trainer = supervised.make_train(config)
+    keys = jax.vmap(jax.random.key)(jnp.arange(3, dtype=jnp.uint32))
+    state = jax.vmap(trainer.init)(keys, {})
+    hlo = jax.jit(jax.vmap(trainer.run_chunk)).lower(state, {}).compile().as_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="lapack' in line]
+    assert calls
+    for line in calls:
+        result = re.search(r"= \(?[a-z]\d+\[([\d,]*)\]", line)
+        assert result and result.group(1).count(",") <= 1, line
