@@ -7,6 +7,7 @@ separate unvmapped runs for the vmapped ones, a one-chunk run for the chunked on
 """
 
 import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
