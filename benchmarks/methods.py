@@ -33,22 +33,11 @@ from spectral_plasticity import experiment, metrics, runtime
 from spectral_plasticity.methods import erank_ascent
 from spectral_plasticity.methods.effective_rank import select_layers
 from spectral_plasticity.models import MLP
-from spectral_plasticity.tasks import DataError, PermutedImages, load_idx_dataset
-from spectral_plasticity.tasks.idx import ImageDataset
+from spectral_plasticity.tasks import PermutedImages
+from spectral_plasticity.tasks.idx import idx_dataset_or_random
 from spectral_plasticity.train import method_registry, supervised
 
 QUICK_METHODS = ("bp", "l2", "er", "l2_er")
-
-
-def _data() -> tuple[ImageDataset, str]:
-    try:
-        return load_idx_dataset("fashion_mnist", download=False), "Fashion-MNIST"
-    except DataError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (12_000, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, 12_000).astype(np.uint8)
-        return (ImageDataset(images[:10_000], labels[:10_000], images[10_000:],
-                             labels[10_000:]), "synthetic 784-pixel images")
 
 
 def _config(method: str, width: int, steps: int):
@@ -151,7 +140,7 @@ def main() -> None:
     methods = ["bp", *[m for m in methods if m != "bp"]]
     steps = args.steps or (500 if args.quick else 2000)
     repeats = args.repeats or (2 if args.quick else 3)
-    data, source = _data()
+    data, source = idx_dataset_or_random("fashion_mnist")
     stream = lambda config: PermutedImages(data, name="permuted_fashion_mnist",
                                            num_tasks=config.stream.num_tasks,
                                            train_size=steps, eval_size=config.stream.eval_size)

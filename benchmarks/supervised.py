@@ -37,23 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spectral_plasticity.tasks import DataError, PermutedImages, load_idx_dataset
-from spectral_plasticity.tasks.idx import ImageDataset
+from spectral_plasticity.tasks import PermutedImages
+from spectral_plasticity.tasks.idx import ImageDataset, idx_dataset_or_random
 from spectral_plasticity.train import supervised
 
 LEARNING_RATE = 1e-2
 BYTES_PER_PARAMETER_STEP = 3 * 4  # float32 weights read twice and written once per step
-
-
-def _data() -> tuple[ImageDataset, str]:
-    try:
-        return load_idx_dataset("mnist", download=False), "MNIST"
-    except DataError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (12_000, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, 12_000).astype(np.uint8)
-        return (ImageDataset(images[:10_000], labels[:10_000], images[10_000:],
-                             labels[10_000:]), "synthetic 784-pixel images (MNIST not found)")
 
 
 def _config(steps: int, hidden: tuple[int, ...]):
@@ -193,7 +182,7 @@ def main() -> None:
     hidden = tuple(int(w) for w in args.hidden.split(","))
     steps = args.steps or (500 if args.quick else 2000)
     repeats = 1 if args.quick else 3
-    data, source = _data()
+    data, source = idx_dataset_or_random("mnist")
     stream = PermutedImages(data, name="permuted", num_tasks=1, train_size=steps, eval_size=100)
     supervised._stream = lambda config: stream  # the benchmark's data, whatever the config says
     sizes = (784, *hidden, 10)

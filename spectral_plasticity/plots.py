@@ -35,6 +35,8 @@ from scipy import stats
 from spectral_plasticity import schema
 from spectral_plasticity.train.results import load_arrays
 
+# The column prefixes of the KFAC factors' effective ranks (``kfac_diagnostics``).
+KFAC_FACTOR_RANKS = {"A": "kfac_erank_a/", "G": "kfac_erank_g/"}
 
 @dataclass(frozen=True)
 class PlotColumns:
@@ -192,17 +194,24 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_experiment(workdir: str | Path, config: Any = None,
-                    density_rows: tuple[int, ...] | None = None) -> list[Path]:
-    """Writes the figures of the sweep in ``workdir``; returns the PNG paths written."""
+def _load_sweep(workdir: str | Path) -> tuple[Path, dict[str, pd.DataFrame], Path]:
+    """The sweep's work directory, its results tables by method and its ``plots`` directory
+    (created); a directory without results is refused."""
     workdir = Path(workdir)
-    columns = PlotColumns.from_config(config)
     tables = load_results(workdir)
     if not tables:
         raise ValueError(f"no results under {workdir}: run `make sweep` first "
                          "(each method writes <workdir>/<method>/results.csv)")
     out = workdir / "plots"
     out.mkdir(exist_ok=True)
+    return workdir, tables, out
+
+
+def plot_experiment(workdir: str | Path, config: Any = None,
+                    density_rows: tuple[int, ...] | None = None) -> list[Path]:
+    """Writes the figures of the sweep in ``workdir``; returns the PNG paths written."""
+    workdir, tables, out = _load_sweep(workdir)
+    columns = PlotColumns.from_config(config)
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -329,36 +338,17 @@ def plot_kfac_factors(workdir: str | Path, config: Any = None, *, suffix: str = 
     Returns:
       The PNG paths written (none when no KFAC column or array is present).
     """
-    workdir = Path(workdir)
+    workdir, tables, out = _load_sweep(workdir)
     columns = PlotColumns.from_config(config)
-    tables = load_results(workdir)
-    if not tables:
-        raise ValueError(f"no results under {workdir}: run `make sweep` first "
-                         "(each method writes <workdir>/<method>/results.csv)")
-    factor_keys = {"A": "kfac_erank_a/", "G": "kfac_erank_g/"}
     if layers is None:
-        found = [c[len(factor_keys["A"]):len(c) - len(suffix)] for c in next(iter(tables.values()))
-                 if c.startswith(factor_keys["A"]) and c.endswith(suffix)]
-        layers = tuple(sorted(found))
-    out = workdir / "plots"
-    out.mkdir(exist_ok=True)
-    written = []
-    if layers:
-        fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
-        drawn = False
-        for col, layer in enumerate(layers):
-            for row, (factor, prefix) in enumerate(factor_keys.items()):
-                ax = axes[row, col]
-                drawn |= _plot_over_rows(ax, tables, f"{prefix}{layer}{suffix}", columns)
-                ax.set_title(f"{layer}: effective rank of {factor}", fontsize=9)
-        axes[0, 0].legend(fontsize=7)
-        if drawn:
-            written.append(_save(fig, out / "kfac_factor_ranks.png"))
-        else:
-            plt.close(fig)
-    else:
-        logging.info("no kfac_erank_a/*%s column: KFAC factor rank plot skipped", suffix)
-
+        prefix = KFAC_FACTOR_RANKS["A"]
+        layers = tuple(sorted(c[len(prefix):len(c) - len(suffix)]
+                              for c in next(iter(tables.values()))
+                              if c.startswith(prefix) and c.endswith(suffix)))
+    if not layers:
+        logging.info("no kfac_erank_a/*%s column: KFAC factor plots skipped", suffix)
+        return []
+    written = _plot_factor_ranks(tables, columns, layers, suffix, out)
     spectra = {}
     for method in tables:
         arrays = load_arrays(workdir / method)
@@ -370,8 +360,32 @@ def plot_kfac_factors(workdir: str | Path, config: Any = None, *, suffix: str = 
     if not spectra:
         logging.info("no kfac_top_*%s arrays: KFAC factor spectra plot skipped", suffix)
         return written
+    return [*written, _plot_factor_spectra(spectra, list(tables), columns, layers, out)]
+
+
+def _plot_factor_ranks(tables: dict[str, pd.DataFrame], columns: PlotColumns,
+                       layers: tuple[str, ...], suffix: str, out: Path) -> list[Path]:
+    """``kfac_factor_ranks.png`` (see ``plot_kfac_factors``), when any column is present."""
     fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
-    colors = dict(zip(tables, _palette(len(tables)), strict=True))
+    drawn = False
+    for col, layer in enumerate(layers):
+        for row, (factor, prefix) in enumerate(KFAC_FACTOR_RANKS.items()):
+            ax = axes[row, col]
+            drawn |= _plot_over_rows(ax, tables, f"{prefix}{layer}{suffix}", columns)
+            ax.set_title(f"{layer}: effective rank of {factor}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    if drawn:
+        return [_save(fig, out / "kfac_factor_ranks.png")]
+    plt.close(fig)
+    return []
+
+
+def _plot_factor_spectra(spectra: dict[tuple[str, str, str], np.ndarray], methods: list[str],
+                         columns: PlotColumns, layers: tuple[str, ...], out: Path) -> Path:
+    """``kfac_factor_spectra.png`` (see ``plot_kfac_factors``) of ``spectra[method, layer,
+    factor]``, each ``(runs, rows, k)``."""
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.6 * len(layers), 6.4), squeeze=False)
+    colors = dict(zip(methods, _palette(len(methods)), strict=True))
     for (method, layer, factor), values in spectra.items():
         ax = axes["ag".index(factor), layers.index(layer)]
         normalized = values / values[..., :1]  # (runs, rows, k): lambda_i / lambda_1
@@ -387,5 +401,4 @@ def plot_kfac_factors(workdir: str | Path, config: Any = None, *, suffix: str = 
     axes[0, 0].set_ylabel("lambda_i / lambda_1")
     axes[1, 0].set_ylabel("lambda_i / lambda_1")
     axes[0, 0].legend(fontsize=6)
-    written.append(_save(fig, out / "kfac_factor_spectra.png"))
-    return written
+    return _save(fig, out / "kfac_factor_spectra.png")

@@ -21,8 +21,8 @@ is what a comparison of methods reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, TypeVar
 
 from spectral_plasticity.methods.catalog import SETTINGS
 
@@ -30,6 +30,7 @@ RUN, SEED, DIVERGED = "run", "seed", "diverged"
 ROW_NAMES = ("task", "phase")
 INIT, END = "_init", "_end"
 SWEPT = ("learning_rate", *SETTINGS)
+T = TypeVar("T")
 
 
 class Metric(NamedTuple):
@@ -96,6 +97,15 @@ def at_init(name: str) -> str:
 def at_end(name: str) -> str:
     """The column of ``name`` measured at a task's end."""
     return name + END
+
+
+def start_end_columns(start: Mapping[str, T], end: Mapping[str, T]) -> dict[str, T]:
+    """A measurement taken at a row's start and end as columns: ``<name>_init`` and
+    ``<name>_end``, except the start's spectral-density grid, which is ``density_grid``."""
+    columns = {at_init(k): v for k, v in start.items()}
+    columns |= {at_end(k): v for k, v in end.items()}
+    columns["density_grid"] = columns.pop(at_init("density_grid"))
+    return columns
 
 
 def metric(column: str) -> Metric:

@@ -7,13 +7,7 @@ import numpy as np
 
 from spectral_plasticity import metrics
 
-
-def _with_singular_values(sigma, rows=64, seed=0):
-    """A (rows, len(sigma)) matrix with exactly the singular values ``sigma``."""
-    rng = np.random.default_rng(seed)
-    u = np.linalg.qr(rng.normal(size=(rows, len(sigma))))[0]
-    v = np.linalg.qr(rng.normal(size=(len(sigma), len(sigma))))[0]
-    return jnp.asarray(u @ np.diag(sigma) @ v.T, jnp.float32)
+from .test_metrics import _with_singular_values  # a matrix with given singular values
 
 
 def test_effective_rank_of_identities_and_a_wide_matrix_against_numpy():
@@ -36,7 +30,7 @@ def test_effective_rank_gradient_is_finite_with_dead_units():
 
 def test_srank_stable_rank_feature_rank_by_hand():
     sigma = np.array([10.0, 5.0, 3.0, 1.0, 0.5, 0.05, 0.0, 0.0])
-    phi = _with_singular_values(sigma)
+    phi = _with_singular_values(sigma, rows=64)
     # cumulative sigma share: 0.512, 0.769, 0.923, 0.974, 0.9974, ... -> k = 5 reaches 0.99
     assert int(metrics.srank(phi)) == 5
     assert int(metrics.srank(phi, delta=0.2)) == 3

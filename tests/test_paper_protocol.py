@@ -1,108 +1,18 @@
-"""Trainer options of the paper's protocol, against dense references.
+"""Options of the paper's protocol, against references. (The supervised trainer's
+``head_reset`` and ``hessian.data``: ``tests/train/test_train_supervised.py``.)
 
-- ``head_reset``: the start-of-task Hessian is taken before Dohare et al.'s zeroed head unless
-  ``before_hessian`` is asked for; ``never`` keeps the head (the paper's code).
-- ``hessian.data="train"``: the new task's Hessian on its training examples (dense
-  ``jax.hessian`` + ``eigvalsh`` on the same examples).
 - PPO's clipped value loss (the formula of lop-jax ``rlopt/ppo_nonstationary.py`` 103-110) and
-  the ER window bound to the rollout.
+  the ER window bound to the rollout;
+- class-incremental CIFAR's Hessian on the new classes' training images.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from spectral_plasticity.rl import policy, ppo
-from spectral_plasticity.tasks import PermutedImages
 from spectral_plasticity.tasks.idx import ImageDataset
-from spectral_plasticity.train import supervised
-
-
-class Tiny(PermutedImages):
-    """Permuted 2x2 images, 3 classes, 10 training examples per task, fixed task draws."""
-
-    def __init__(self, reset_head):
-        rng = np.random.default_rng(0)
-        labels = rng.integers(0, 3, 80)
-        images = (rng.integers(0, 256, (80, 2, 2)) // 2 + 40 * labels[:, None, None])
-        data = ImageDataset(images[:60].astype(np.uint8), labels[:60].astype(np.uint8),
-                            images[60:].astype(np.uint8), labels[60:].astype(np.uint8))
-        super().__init__(data, name="tiny", num_tasks=2, train_size=10, eval_size=20,
-                         num_classes=3)
-        self.reset_head = reset_head
-
-    def begin_task(self, key, task):
-        return super().begin_task(jax.random.key(7), task)
-
-
-def _config(**changes):
-    c = supervised.default_config()
-    c.stream.num_tasks = 2
-    c.model.hidden_sizes = (5,)
-    c.tasks_per_chunk = 1
-    c.hessian.update(num_iters=40, grid_size=64, examples=10, chunk_size=10)
-    for key, value in changes.items():
-        if key.startswith("hessian_"):
-            c.hessian[key[len("hessian_"):]] = value
-        else:
-            c[key] = value
-    return c
-
-
-def _two_tasks(monkeypatch, reset_head, **changes):
-    stream = Tiny(reset_head)
-    monkeypatch.setattr(supervised, "_stream", lambda config: stream)
-    config = _config(**changes)
-    trainer = supervised.make_train(config)
-    run = jax.jit(trainer.run_chunk)
-    state, _ = run(trainer.init(jax.random.key(0), {}), {})
-    previous = state.params
-    state, rows = run(state, {})
-    return stream, config, previous, state, rows
-
-
-def _dense_top(config, stream, params, x, y):
-    model = supervised._model(config, stream, False)
-    flat, unravel = ravel_pytree(params)
-
-    def loss(v):
-        out, _ = model.apply({"params": unravel(v)}, x)
-        return jnp.mean(supervised.per_example_loss("cross_entropy", out, y))
-
-    return float(np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))[-1])
-
-
-def test_the_start_of_task_hessian_sees_the_head_unless_before_hessian_is_asked(monkeypatch):
-    stream, config, previous, state, rows = _two_tasks(monkeypatch, True)
-    x, y = stream.hessian_data(stream.begin_task(None, 1), "eval", 10)  # hessian.examples
-    # "stream": the head is zeroed after the measurement, so it measured the previous params.
-    np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]),
-                               _dense_top(config, stream, previous, x, y), rtol=1e-3)
-    _, _, before_previous, _, before = _two_tasks(monkeypatch, True, head_reset="before_hessian")
-    zeroed = {**before_previous, "head": jax.tree.map(jnp.zeros_like, before_previous["head"])}
-    np.testing.assert_allclose(float(before["top_eigenvalue_init"][0]),
-                               _dense_top(config, stream, zeroed, x, y), rtol=1e-3)
-    never = _two_tasks(monkeypatch, True, head_reset="never")
-    assert not np.allclose(never[3].params["head"]["kernel"], state.params["head"]["kernel"])
-
-
-def test_the_hessian_on_the_new_tasks_training_examples(monkeypatch):
-    stream, config, previous, _, rows = _two_tasks(monkeypatch, False, hessian_data="train")
-    x, y = stream.train_batch(stream.begin_task(None, 1), 0, 10)
-    held_out = stream.eval_data(stream.begin_task(None, 1))
-    expected = _dense_top(config, stream, previous, x, y)
-    assert abs(expected - _dense_top(config, stream, previous, *held_out)) > 1e-3 * expected
-    np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]), expected, rtol=1e-3)
-
-
-def test_bad_protocol_options_are_refused(monkeypatch):
-    monkeypatch.setattr(supervised, "_stream", lambda config: Tiny(False))
-    with pytest.raises(ValueError, match="hessian.data must be 'eval' or 'train'"):
-        supervised.make_train(_config(hessian_data="test"))
-    with pytest.raises(ValueError, match="head_reset must be 'stream', 'never' or"):
-        supervised.make_train(_config(head_reset="always"))
 
 
 def test_clipped_value_loss_is_the_papers_formula():

@@ -29,6 +29,9 @@ def test_the_measurement_suffixes():
     assert schema.at_init("epsilon_rank") == "epsilon_rank_init"
     assert schema.at_end("density") == "density_end"
     assert plots.PlotColumns().epsilon_rank == schema.at_init("epsilon_rank")
+    start, end = {"density_grid": 1, "epsilon_rank": 2}, {"density_grid": 3, "epsilon_rank": 4}
+    assert schema.start_end_columns(start, end) == {
+        "density_grid": 1, "epsilon_rank_init": 2, "density_grid_end": 3, "epsilon_rank_end": 4}
 
 
 def test_every_feature_metric_and_every_setting_is_in_the_schema():

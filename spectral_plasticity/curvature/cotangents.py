@@ -46,6 +46,22 @@ def check_mode(mode: str, num_samples: int, key: jax.Array | None,
                          "for softmax cross-entropy)")
 
 
+def check_per_example_loss(loss_fn: LossFn, outputs: jax.Array, targets: jax.Array) -> None:
+    """Refuses a ``loss_fn`` that does not give one loss per row of ``outputs``."""
+    batch = outputs.shape[0]
+    losses = jax.eval_shape(loss_fn, outputs, targets)
+    if getattr(losses, "shape", None) != (batch,):
+        raise ValueError(f"loss_fn must return per-example losses of shape ({batch},), got "
+                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+
+
+def output_hessians(loss_fn: LossFn, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each example's Hessian ``H_n = d^2 l_n / d f_n^2`` of its loss in its outputs:
+    ``(batch, C, C)`` for ``(batch, C)`` outputs."""
+    one = lambda f, t: loss_fn(f[None], jax.tree.map(lambda x: x[None], t))[0]
+    return jax.vmap(jax.hessian(one))(outputs, targets)
+
+
 def output_cotangents(outputs: jax.Array, targets: jax.Array, loss_fn: LossFn, mode: str,
                       key: jax.Array | None = None, sample_fn: SampleFn | None = None,
                       num_samples: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -66,14 +82,10 @@ def output_cotangents(outputs: jax.Array, targets: jax.Array, loss_fn: LossFn, m
     check_mode(mode, num_samples, key, sample_fn)
     chex.assert_rank(outputs, 2)
     batch, num_outputs = outputs.shape
-    losses = jax.eval_shape(loss_fn, outputs, targets)
-    if getattr(losses, "shape", None) != (batch,):
-        raise ValueError(f"loss_fn must return per-example losses of shape ({batch},), got "
-                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+    check_per_example_loss(loss_fn, outputs, targets)
     grad_at = lambda t: jax.grad(lambda f: jnp.sum(loss_fn(f, t)))(outputs)
     if mode == "ggn":
-        one = lambda f, t: loss_fn(f[None], jax.tree.map(lambda x: x[None], t))[0]
-        hessians = jax.vmap(jax.hessian(one))(outputs, targets)
+        hessians = output_hessians(loss_fn, outputs, targets)
         chex.assert_shape(hessians, (batch, num_outputs, num_outputs))
         values, vectors = linalg.eigh(hessians)
         return jnp.transpose(vectors, (2, 0, 1)), values.T

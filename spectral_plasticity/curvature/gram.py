@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from spectral_plasticity import linalg
+from spectral_plasticity.curvature.cotangents import check_per_example_loss, output_hessians
 from spectral_plasticity.curvature.operators import (
     LayerSelection,
     combine,
@@ -67,12 +68,8 @@ def loss_weighted_gram(apply_fn: Callable[..., Any],
     outputs, jvp_fn = jax.linearize(predict, selected)
     chex.assert_rank(outputs, 2)
     n, c = outputs.shape
-    losses = jax.eval_shape(loss_fn, outputs, targets)
-    if getattr(losses, "shape", None) != (n,):
-        raise ValueError(f"loss_fn must return per-example losses of shape ({n},), got "
-                         f"{getattr(losses, 'shape', type(losses).__name__)}")
-    one = lambda f, t: loss_fn(f[None], jax.tree.map(lambda x: x[None], t))[0]
-    roots = psd_sqrt(jax.vmap(jax.hessian(one))(outputs, targets) / n)  # (N, C, C)
+    check_per_example_loss(loss_fn, outputs, targets)
+    roots = psd_sqrt(output_hessians(loss_fn, outputs, targets) / n)  # (N, C, C)
     vjp_fn = jax.linear_transpose(jvp_fn, selected)
     root_of = lambda u: jnp.einsum("nij,nj->ni", roots, u)
 

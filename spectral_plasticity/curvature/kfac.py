@@ -105,6 +105,20 @@ def _factor_metrics(layer: str, factors: KroneckerFactors, eps: float, relative_
             f"kfac_top_g/{layer}": _top(spectrum.g_eigenvalues, num_top)}
 
 
+def _compare_layer(apply_fn: ApplyFn, params: PyTree, data: tuple[jax.Array, jax.Array],
+                   loss_fn: LossFn, layer: str, factors: KroneckerFactors, *, key: jax.Array,
+                   num_iters: int, num_probes: int, num_top: int, eps: float, chunk_size: int
+                   ) -> dict[str, jax.Array]:
+    """``kfac_diagnostics``' entries of one layer's KFAC spectrum against its exact GGN block."""
+    exact = layer_operator(apply_fn, params, data, loss_fn, layer, chunk_size=chunk_size)
+    comparison = compare_spectra(factors, exact, layer, key=key, num_iters=num_iters,
+                                 num_probes=num_probes, k=min(num_top, num_iters, exact.dim),
+                                 eps=eps)
+    return {f"kfac_wasserstein/{layer}": comparison.wasserstein,
+            f"kfac_log_ratio/{layer}": comparison.log_ratio,
+            f"kfac_exact_eps_rank/{layer}": comparison.exact_epsilon_rank}
+
+
 def kfac_diagnostics(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, targets: jax.Array,
                      *, loss_fn: LossFn, key: jax.Array, layers: Layers = None,
                      mode: str = "ggn", sample_fn: SampleFn | None = None, num_samples: int = 1,
@@ -180,12 +194,8 @@ def kfac_diagnostics(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array, targe
     for index, (layer, layer_factors) in enumerate(sorted(factors.items())):
         out |= _factor_metrics(layer, layer_factors, eps, relative_eps, num_top)
         if layer in compared:
-            exact = layer_operator(apply_fn, params, data, loss_fn, layer, chunk_size=chunk_size)
-            comparison = compare_spectra(
-                layer_factors, exact, layer, key=jax.random.fold_in(probe_key, index),
-                num_iters=num_iters, num_probes=num_probes, k=min(num_top, num_iters, exact.dim),
-                eps=eps)
-            out |= {f"kfac_wasserstein/{layer}": comparison.wasserstein,
-                    f"kfac_log_ratio/{layer}": comparison.log_ratio,
-                    f"kfac_exact_eps_rank/{layer}": comparison.exact_epsilon_rank}
+            out |= _compare_layer(apply_fn, params, data, loss_fn, layer, layer_factors,
+                                  key=jax.random.fold_in(probe_key, index), num_iters=num_iters,
+                                  num_probes=num_probes, num_top=num_top, eps=eps,
+                                  chunk_size=chunk_size)
     return out

@@ -5,8 +5,10 @@
 per-phase dynamics schedule) and ``run_chunk(state, hparams)`` advances it by
 ``phases_per_chunk`` phases as one ``lax.scan``, so the sweep runner ``vmap``s it over seeds and
 hyperparameters and checkpoints between chunks; ``train_fn(trainer)`` is the whole run as one
-pure function. A phase is ``updates_per_phase`` PPO updates with the phase's dynamics (e.g.
-Slippery Ant's friction), which reach the compiled loop as data: nothing recompiles.
+pure function. ``init`` and ``run_chunk`` are module-level pure functions of a static ``Setup``
+(environment, networks, method and settings, sizes) that ``make_setup`` builds and checks
+once from the config. A phase is ``updates_per_phase`` PPO updates with the phase's dynamics
+(e.g. Slippery Ant's friction), which reach the compiled loop as data: nothing recompiles.
 
 One PPO update (Schulman et al. 2017):
 
@@ -52,6 +54,7 @@ algorithms"; Lu et al. (2022), PureJaxRL; Dohare et al. (2024) for the Slippery-
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -62,7 +65,7 @@ import optax
 
 from spectral_plasticity import metrics, schema
 from spectral_plasticity.curvature import spectral_density, spectrum_record
-from spectral_plasticity.methods.method import StepInputs
+from spectral_plasticity.methods.method import Method, StepInputs
 from spectral_plasticity.models import unit_layers
 from spectral_plasticity.rl import envs as envs_lib
 from spectral_plasticity.rl import losses, policy
@@ -167,6 +170,19 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
     if env_name not in envs_lib.ENVIRONMENTS:
         raise ValueError(f"unknown environment {env_name!r}; choose one of "
                          f"{list(envs_lib.ENVIRONMENTS)}")
+    c = _paper_config(env_name)
+    if scale == "small":
+        _to_small(c, env_name)
+    if scale == "paper":
+        c.seeds = 5
+        c.methods = PAPER_METHODS
+    if scale == "tiny":
+        _to_tiny(c)
+    return c
+
+
+def _paper_config(env_name: str) -> ml_collections.ConfigDict:
+    """The paper's protocol on ``env_name`` (the ``paper`` scale, one seed, three methods)."""
     c = ml_collections.ConfigDict()
     c.trainer = "ppo"
     c.method = "bp"
@@ -201,33 +217,36 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
         c.num_phases, c.steps_per_phase = 10, 200_000
         c.ppo.update(num_envs=16, num_steps=128, num_minibatches=8, update_epochs=4)
         c.optimizer.learning_rate = 2.5e-4
-    if scale == "small":
-        c.optimizer.learning_rate = 3e-4
-        c.model.actor_head_scale = 0.01
-        c.hessian.update(num_iters=20, grid_size=1000)
-        c.seeds = 2
-        c.methods = ("bp", "l2_er")
-        if env_name == "slippery_ant":
-            c.num_phases, c.steps_per_phase = 3, 200_000
-            c.ppo.update(num_envs=64, num_steps=32, num_minibatches=8, update_epochs=4)
-            c.optimizer.learning_rate = 1e-3
-            c.model.log_std_init = -1.0
-        else:
-            c.num_phases, c.steps_per_phase = 10, 100_000
-            c.ppo.update(num_envs=16, num_steps=64, num_minibatches=4, update_epochs=4)
-    if scale == "paper":
-        c.seeds = 5
-        c.methods = PAPER_METHODS
-    if scale == "tiny":
-        c.num_phases, c.steps_per_phase, c.phases_per_chunk = 2, 1024, 2
-        c.ppo.update(num_envs=8, num_steps=32, num_minibatches=2, update_epochs=2)
-        c.model.hidden_sizes = (16,)
-        c.optimizer.learning_rate = 1e-3
-        c.hessian.update(num_iters=8, grid_size=64)
-        c.feature_samples = 128
-        c.method_settings.update(erank_every=4, redo_every=4, maturity_threshold=4,
-                                 replacement_rate=0.05)
     return c
+
+
+def _to_small(c: ml_collections.ConfigDict, env_name: str) -> None:
+    """The ``small`` scale's changes (see ``default_config``)."""
+    c.optimizer.learning_rate = 3e-4
+    c.model.actor_head_scale = 0.01
+    c.hessian.update(num_iters=20, grid_size=1000)
+    c.seeds = 2
+    c.methods = ("bp", "l2_er")
+    if env_name == "slippery_ant":
+        c.num_phases, c.steps_per_phase = 3, 200_000
+        c.ppo.update(num_envs=64, num_steps=32, num_minibatches=8, update_epochs=4)
+        c.optimizer.learning_rate = 1e-3
+        c.model.log_std_init = -1.0
+    else:
+        c.num_phases, c.steps_per_phase = 10, 100_000
+        c.ppo.update(num_envs=16, num_steps=64, num_minibatches=4, update_epochs=4)
+
+
+def _to_tiny(c: ml_collections.ConfigDict) -> None:
+    """The ``tiny`` scale's changes: seconds, for tests."""
+    c.num_phases, c.steps_per_phase, c.phases_per_chunk = 2, 1024, 2
+    c.ppo.update(num_envs=8, num_steps=32, num_minibatches=2, update_epochs=2)
+    c.model.hidden_sizes = (16,)
+    c.optimizer.learning_rate = 1e-3
+    c.hessian.update(num_iters=8, grid_size=64)
+    c.feature_samples = 128
+    c.method_settings.update(erank_every=4, redo_every=4, maturity_threshold=4,
+                             replacement_rate=0.05)
 
 
 def _make_env(config: ml_collections.ConfigDict) -> envs_lib.ContinualEnv:
@@ -296,8 +315,43 @@ def ppo_loss(nets: policy.ActorCritic, params: PyTree, batch: Batch, *, clip_eps
     return loss, (info, {"actor": actor_features, "critic": critic_features})
 
 
-def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
-    """The chunked continual-PPO trainer of ``config`` (fields: see ``default_config``)."""
+class Setup(NamedTuple):
+    """What ``make_train`` fixes once from a config: static, shared by every run of a sweep.
+
+    Attributes:
+      config: the configuration (``default_config``'s fields).
+      env: the continual environment.
+      nets: the actor and critic.
+      method, settings: the plasticity method and its resolved settings.
+      layer_pairs: per network, the ``(layer, next layer)`` pairs of its hidden units.
+      updates_per_phase: PPO updates per phase.
+      num_envs, num_steps: the rollout's environments and steps; ``batch_size`` their product.
+      minibatch_size: transitions per gradient step.
+      er_batch: the rollout transitions the ER ascent reads (its first ones).
+      erank_ascent: whether the method has the alternating ER ascent.
+      feature_samples: transitions the phase's feature metrics are measured on.
+      last_updates: the updates of a phase's last tenth (``episode_return_last``).
+    """
+
+    config: ml_collections.ConfigDict
+    env: envs_lib.ContinualEnv
+    nets: policy.ActorCritic
+    method: Method
+    settings: dict[str, Any]
+    layer_pairs: dict[str, list[tuple[str, str]]]
+    updates_per_phase: int
+    num_envs: int
+    num_steps: int
+    batch_size: int
+    minibatch_size: int
+    er_batch: int
+    erank_ascent: bool
+    feature_samples: int
+    last_updates: int
+
+
+def make_setup(config: ml_collections.ConfigDict) -> Setup:
+    """The checked ``Setup`` of ``config`` (a bad field is a ``ValueError`` naming it)."""
     config = ml_collections.ConfigDict(config)
     method, settings = method_registry.for_config(config, "ppo")
     updates_per_phase = _check_config(config)
@@ -305,10 +359,6 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
     p = config.ppo
     num_envs, num_steps = int(p.num_envs), int(p.num_steps)
     batch_size = num_envs * num_steps
-    minibatch_size = batch_size // int(p.num_minibatches)
-    last_updates = max(1, updates_per_phase // 10)
-    hess = config.hessian
-    feature_samples = min(int(config.feature_samples), batch_size)
     er_batch = int(settings["erank_batch"])
     erank_ascent = "erank_every" in method.settings
     if erank_ascent and not 0 < er_batch <= batch_size:
@@ -320,224 +370,330 @@ def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
         hidden_sizes=tuple(m.hidden_sizes), activation=m.activation,
         kernel_init=m.kernel_init, layer_norm=method.layer_norm, log_std_init=m.log_std_init,
         actor_head_scale=m.actor_head_scale)
-    pairs = {"actor": unit_layers(nets.actor), "critic": unit_layers(nets.critic)}
-    apply = {"actor": lambda prm, x: policy.actor_apply(nets, prm, x),
-             "critic": lambda prm, x: policy.critic_apply(nets, prm, x)}
-    loss_fn = lambda params, batch: ppo_loss(
-        nets, params, batch, clip_eps=p.clip_eps, vf_coef=p.vf_coef, ent_coef=p.ent_coef,
-        normalize_advantages=p.normalize_advantages, clip_value=p.get("clip_value", False))
+    return Setup(
+        config=config, env=env, nets=nets, method=method, settings=settings,
+        layer_pairs={"actor": unit_layers(nets.actor), "critic": unit_layers(nets.critic)},
+        updates_per_phase=updates_per_phase, num_envs=num_envs, num_steps=num_steps,
+        batch_size=batch_size, minibatch_size=batch_size // int(p.num_minibatches),
+        er_batch=er_batch, erank_ascent=erank_ascent,
+        feature_samples=min(int(config.feature_samples), batch_size),
+        last_updates=max(1, updates_per_phase // 10))
 
-    def optimizer(hparams: Mapping[str, jax.Array]) -> optax.GradientTransformation:
-        return method_registry.optimizer(method, settings, dict(config.optimizer), hparams)
 
-    def reset_envs(key: jax.Array, dynamics: PyTree) -> tuple[envs_lib.EnvState, jax.Array]:
-        return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs), dynamics)
+# ------------------------------------------------------------------------------------------
+# The networks, the loss, the optimizer and a run's state
 
-    def init(key: jax.Array, hparams: Mapping[str, jax.Array]) -> RunnerState:
-        method_registry.check_sweep(method, list(hparams))
-        schedule = env.sample_dynamics(jax.random.fold_in(key, 0), int(config.num_phases))
-        params = policy.init_params(nets, jax.random.fold_in(key, 1))
-        tx = optimizer(hparams)
-        env_state, obs = reset_envs(jax.random.fold_in(key, 2),
-                                    envs_lib.phase_dynamics(schedule, 0))
-        return RunnerState(
-            params=params, opt_state={n: tx.init(params[n]) for n in NETWORKS},
-            method_state={n: method.init_state(params[n], pairs[n]) for n in NETWORKS},
-            env_state=env_state, obs=obs.astype(jnp.float32),
-            episode_return=jnp.zeros((num_envs,), jnp.float32), schedule=schedule, key=key,
-            phase=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
 
-    def rollout(actor_params: PyTree, env_state: envs_lib.EnvState, obs: jax.Array,
-                episode_return: jax.Array, dynamics: PyTree, key: jax.Array):
-        reset_key, steps_key = jax.random.split(key)
-        reset_state, reset_obs = reset_envs(reset_key, dynamics)
-        step_envs = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+def _apply(setup: Setup, name: str, params: PyTree, x: jax.Array
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Outputs and hidden features of network ``name`` (``"actor"`` or ``"critic"``)."""
+    apply = policy.actor_apply if name == "actor" else policy.critic_apply
+    return apply(setup.nets, params, x)
 
-        def body(carry, step_key):
-            env_state, obs, episode_return = carry
-            action_key, env_key = jax.random.split(step_key)
-            outputs, _ = policy.actor_apply(nets, actor_params, obs)
-            actions = policy.sample(nets, actor_params, outputs, action_key)
-            log_probs = policy.log_prob(nets, actor_params, outputs, actions)
-            step = step_envs(jax.random.split(env_key, num_envs), env_state, actions, dynamics)
-            done = step.terminated | step.truncated
-            episode_return = episode_return + step.reward
-            finished = jnp.where(done, episode_return, 0.0)
-            next_state, next_obs = jax.vmap(envs_lib.auto_reset)(step, reset_state, reset_obs)
-            transition = Trajectory(obs, actions, log_probs, step.reward, step.terminated, done,
-                                    step.obs.astype(jnp.float32))
-            carry = (next_state, next_obs.astype(jnp.float32), jnp.where(done, 0.0,
-                                                                          episode_return))
-            return carry, (transition, finished)
 
-        (env_state, obs, episode_return), (trajectory, finished) = jax.lax.scan(
-            body, (env_state, obs, episode_return), jax.random.split(steps_key, num_steps))
-        return env_state, obs, episode_return, trajectory, finished
+def _loss(setup: Setup, params: PyTree, batch: Batch):
+    """``ppo_loss`` with the config's coefficients."""
+    p = setup.config.ppo
+    return ppo_loss(setup.nets, params, batch, clip_eps=p.clip_eps, vf_coef=p.vf_coef,
+                    ent_coef=p.ent_coef, normalize_advantages=p.normalize_advantages,
+                    clip_value=p.get("clip_value", False))
 
-    def to_batch(params: PyTree, trajectory: Trajectory) -> Batch:
-        flat = lambda x: x.reshape((batch_size, *x.shape[2:]))
-        values = apply["critic"](params["critic"], flat(trajectory.obs))[0]
-        next_values = apply["critic"](params["critic"], flat(trajectory.next_obs))[0]
-        shape = (num_steps, num_envs)
-        advantages, returns = losses.gae(
-            trajectory.rewards, values.reshape(shape), next_values.reshape(shape),
-            trajectory.terminated, trajectory.done, p.gamma, p.gae_lambda)
-        return Batch(flat(trajectory.obs), flat(trajectory.actions), flat(trajectory.log_probs),
-                     flat(advantages), flat(returns), values)
 
-    def method_step(name, tx, values, params, opt_state, method_state, grads, features, obs,
-                    phase_step, key):
-        """One optimizer step of network ``name`` and the method's hooks.
+def _optimizer(setup: Setup, hparams: Mapping[str, jax.Array]) -> optax.GradientTransformation:
+    return method_registry.optimizer(setup.method, setup.settings, dict(setup.config.optimizer),
+                                     hparams)
 
-        ``phase_step`` counts the gradient steps of the current phase from scan indices, so it
-        is the same for every vmapped run and the periodic hooks stay a real ``lax.cond``
-        (a per-run counter would turn it into a select that runs the hook at every step).
-        """
-        features_fn = lambda prm: apply[name](prm, obs)[1]
-        noise_key, fresh_key = jax.random.split(key)
-        updates, opt_state = tx.update(grads, opt_state, params, features_fn=features_fn,
-                                       key=noise_key)
-        params = optax.apply_updates(params, updates)
-        return method.after_update(values, params, opt_state, method_state, StepInputs(
-            step=phase_step, features=features, features_fn=features_fn,
-            scoring_features=lambda prm: features,  # the minibatch's, before the update
-            fresh_params=lambda: policy.init_params(nets, fresh_key)[name],
-            layer_pairs=pairs[name]))
 
-    def learn(tx, values, carry, batch: Batch, key: jax.Array, update_index: jax.Array):
-        """``update_epochs`` passes of minibatch steps over ``batch`` (update ``update_index``
-        of the phase); the ER ascent sees the rollout's first ``erank_batch`` observations."""
-        er_obs = batch.obs[:er_batch]
+def _reset_envs(setup: Setup, key: jax.Array, dynamics: PyTree
+                ) -> tuple[envs_lib.EnvState, jax.Array]:
+    return jax.vmap(setup.env.reset, in_axes=(0, None))(jax.random.split(key, setup.num_envs),
+                                                         dynamics)
 
-        def minibatch_step(carry, xs):
-            minibatch, epoch_index, minibatch_index = xs
-            phase_step = ((update_index * p.update_epochs + epoch_index) * p.num_minibatches
-                          + minibatch_index)
-            params, opt_state, method_state, step = carry
-            grads, (info, features) = jax.grad(loss_fn, has_aux=True)(params, minibatch)
-            if p.max_grad_norm > 0:
-                grads = optax.clip_by_global_norm(p.max_grad_norm).update(
-                    grads, optax.EmptyState())[0]
-            step_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
-            new, recycled = {}, jnp.zeros((), jnp.int32)
-            for i, name in enumerate(NETWORKS):
-                new[name] = method_step(
-                    name, tx, values, params[name], opt_state[name], method_state[name],
-                    grads[name], features[name], er_obs if erank_ascent else minibatch.obs,
-                    phase_step, jax.random.fold_in(step_key, i))
-                recycled = recycled + new[name][3]
-            params = {n: new[n][0] for n in NETWORKS}
-            opt_state = {n: new[n][1] for n in NETWORKS}
-            method_state = {n: new[n][2] for n in NETWORKS}
-            return (params, opt_state, method_state, step + 1), {**info, "recycled": recycled}
 
-        def epoch(carry, xs):
-            epoch_key, epoch_index = xs
-            order = jax.random.permutation(epoch_key, batch_size)
-            minibatches = jax.tree.map(
-                lambda x: x[order].reshape((p.num_minibatches, minibatch_size, *x.shape[1:])),
-                batch)
-            indices = jnp.full((p.num_minibatches,), epoch_index), jnp.arange(p.num_minibatches)
-            return jax.lax.scan(minibatch_step, carry, (minibatches, *indices))
+def init(setup: Setup, key: jax.Array, hparams: Mapping[str, jax.Array]) -> RunnerState:
+    """One run's state before its first phase (its dynamics schedule drawn from ``key``)."""
+    method_registry.check_sweep(setup.method, list(hparams))
+    schedule = setup.env.sample_dynamics(jax.random.fold_in(key, 0),
+                                         int(setup.config.num_phases))
+    params = policy.init_params(setup.nets, jax.random.fold_in(key, 1))
+    tx = _optimizer(setup, hparams)
+    env_state, obs = _reset_envs(setup, jax.random.fold_in(key, 2),
+                                 envs_lib.phase_dynamics(schedule, 0))
+    return RunnerState(
+        params=params, opt_state={n: tx.init(params[n]) for n in NETWORKS},
+        method_state={n: setup.method.init_state(params[n], setup.layer_pairs[n])
+                      for n in NETWORKS},
+        env_state=env_state, obs=obs.astype(jnp.float32),
+        episode_return=jnp.zeros((setup.num_envs,), jnp.float32), schedule=schedule, key=key,
+        phase=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32))
 
-        epoch_keys = jax.random.split(jax.random.fold_in(key, 0), int(p.update_epochs))
-        carry, info = jax.lax.scan(epoch, carry, (epoch_keys, jnp.arange(p.update_epochs)))
-        recycled = jnp.sum(info.pop("recycled"))
-        return carry, {**jax.tree.map(jnp.mean, info), "recycled": recycled}
 
-    def measure(params, env_state, obs, dynamics, key):
-        """Feature metrics, and (with ``measure_hessian``) the PPO loss's Hessian spectrum, on a
-        fresh rollout from the current environments (which it leaves unchanged)."""
-        rollout_key, lanczos_key = jax.random.split(key)
-        trajectory = rollout(params["actor"], env_state, obs,
-                             jnp.zeros((num_envs,), jnp.float32), dynamics, rollout_key)[3]
-        batch = to_batch(params, trajectory)
-        sample = batch.obs[:feature_samples]
-        features = {f"{n}/{layer}": value for n in NETWORKS
-                    for layer, value in apply[n](params[n], sample)[1].items()}
-        return batch, metrics.feature_metrics(features), lanczos_key
+# ------------------------------------------------------------------------------------------
+# Rollouts
 
-    def curvature(params, batch: Batch, key: jax.Array) -> dict[str, jax.Array]:
-        full_batch_loss = lambda prm: loss_fn(prm, batch)[0]
-        density = spectral_density(full_batch_loss, params, key=key,
-                                   num_iters=int(hess.num_iters),
-                                   num_probes=int(hess.num_probes), grid_size=int(hess.grid_size))
-        return spectrum_record(density, hess.eps)
 
-    def run_phase(state: RunnerState, hparams: Mapping[str, jax.Array]):
-        tx = optimizer(hparams)
-        values = method.values(settings, hparams)
-        dynamics = envs_lib.phase_dynamics(state.schedule, state.phase)
-        train_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.phase)
-        measure_key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.phase)
-        params, opt_state = state.params, state.opt_state
-        fresh = lambda: policy.init_params(nets, jax.random.fold_in(train_key, 0))
-        started = {n: method.at_task_start(params[n], opt_state[n], lambda n=n: fresh()[n], tx)
-                   for n in NETWORKS}
-        params = {n: started[n][0] for n in NETWORKS}
-        opt_state = {n: started[n][1] for n in NETWORKS}
-        row: dict[str, jax.Array] = {}
-        if config.measure_hessian:
-            batch, _, key = measure(params, state.env_state, state.obs, dynamics,
-                                    jax.random.fold_in(measure_key, 0))
-            row |= {schema.at_init(k): v for k, v in curvature(params, batch, key).items()}
-            # Measurement before training, as in the supervised trainer (XLA CPU hang).
-            row, params, opt_state = jax.lax.optimization_barrier((row, params, opt_state))
+def _rollout(setup: Setup, actor_params: PyTree, env_state: envs_lib.EnvState, obs: jax.Array,
+             episode_return: jax.Array, dynamics: PyTree, key: jax.Array):
+    """``num_steps`` steps of every environment; finished episodes restart from reset states
+    drawn once. Returns ``(env_state, obs, episode_return, trajectory, finished)``:
+    ``finished`` holds the return of each episode that ended at a step, else 0."""
+    nets, num_envs = setup.nets, setup.num_envs
+    reset_key, steps_key = jax.random.split(key)
+    reset_state, reset_obs = _reset_envs(setup, reset_key, dynamics)
+    step_envs = jax.vmap(setup.env.step, in_axes=(0, 0, 0, None))
 
-        def update(carry, u):
-            learner, env_state, obs, episode_return = carry
-            key = jax.random.fold_in(jax.random.fold_in(train_key, 1), u)
-            rollout_key, learn_key = jax.random.split(key)
-            env_state, obs, episode_return, trajectory, finished = rollout(
-                learner[0]["actor"], env_state, obs, episode_return, dynamics, rollout_key)
-            batch = to_batch(learner[0], trajectory)
-            learner, info = learn(tx, values, learner, batch, learn_key, u)
-            info |= {"return_sum": jnp.sum(finished), "episodes": jnp.sum(trajectory.done),
-                     "reward_sum": jnp.sum(trajectory.rewards)}
-            return (learner, env_state, obs, episode_return), info
+    def body(carry, step_key):
+        env_state, obs, episode_return = carry
+        action_key, env_key = jax.random.split(step_key)
+        outputs, _ = policy.actor_apply(nets, actor_params, obs)
+        actions = policy.sample(nets, actor_params, outputs, action_key)
+        log_probs = policy.log_prob(nets, actor_params, outputs, actions)
+        step = step_envs(jax.random.split(env_key, num_envs), env_state, actions, dynamics)
+        done = step.terminated | step.truncated
+        episode_return = episode_return + step.reward
+        finished = jnp.where(done, episode_return, 0.0)
+        next_state, next_obs = jax.vmap(envs_lib.auto_reset)(step, reset_state, reset_obs)
+        transition = Trajectory(obs, actions, log_probs, step.reward, step.terminated, done,
+                                step.obs.astype(jnp.float32))
+        carry = (next_state, next_obs.astype(jnp.float32), jnp.where(done, 0.0, episode_return))
+        return carry, (transition, finished)
 
-        carry = ((params, opt_state, state.method_state, state.step), state.env_state,
-                 state.obs, state.episode_return)
-        (learner, env_state, obs, episode_return), info = jax.lax.scan(
-            update, carry, jnp.arange(updates_per_phase))
-        params, opt_state, method_state, step = learner
-        episodes, return_sum = info.pop("episodes"), info.pop("return_sum")
-        mean_return = lambda s, n: jnp.where(n > 0, s / jnp.maximum(n, 1), jnp.nan)
-        batch, feature_metrics, key = measure(params, env_state, obs, dynamics,
-                                              jax.random.fold_in(measure_key, 1))
-        row |= {
-            "episode_return": mean_return(jnp.sum(return_sum), jnp.sum(episodes)),
-            "episode_return_last": mean_return(jnp.sum(return_sum[-last_updates:]),
-                                               jnp.sum(episodes[-last_updates:])),
-            "update_return_sum": return_sum,
-            "update_episodes": episodes,
-            "episodes": jnp.sum(episodes),
-            "reward_per_step": jnp.sum(info.pop("reward_sum")) / (updates_per_phase * batch_size),
-            "recycled_units": jnp.sum(info.pop("recycled")),
-            **{k: jnp.mean(v) for k, v in info.items()},
-            "weight_norm": metrics.weight_norm(params),
-            **{f"weight_norm/{n}": metrics.weight_norm(params[n]) for n in NETWORKS},
-            "env_steps": (state.phase + 1) * updates_per_phase * batch_size,
-            **{k: jnp.asarray(v, jnp.float32) for k, v in env.describe(dynamics).items()},
-            **feature_metrics,
-        }
-        if config.measure_hessian:
-            row |= {schema.at_end(k): v for k, v in curvature(params, batch, key).items()}
-            row["density_grid"] = row.pop(schema.at_init("density_grid"))
-        new_state = RunnerState(params, opt_state, method_state, env_state, obs, episode_return,
-                                state.schedule, state.key, state.phase + 1, step)
-        return new_state, row
+    (env_state, obs, episode_return), (trajectory, finished) = jax.lax.scan(
+        body, (env_state, obs, episode_return), jax.random.split(steps_key, setup.num_steps))
+    return env_state, obs, episode_return, trajectory, finished
 
-    def run_chunk(state: RunnerState, hparams: Mapping[str, jax.Array]):
-        method_registry.check_sweep(method, list(hparams))
-        return jax.lax.scan(lambda s, _: run_phase(s, hparams), state, None,
-                            length=int(config.phases_per_chunk))
 
-    return ChunkedTrainer(init=init, run_chunk=run_chunk,
-                          num_chunks=config.num_phases // config.phases_per_chunk,
-                          rows_per_chunk=int(config.phases_per_chunk), row_name="phase",
-                          work_per_row=updates_per_phase * batch_size, work_unit="env steps",
-                          divergence_keys=DIVERGENCE_KEYS)
+def _to_batch(setup: Setup, params: PyTree, trajectory: Trajectory) -> Batch:
+    """The rollout's flat transitions with their GAE advantages and value targets."""
+    p = setup.config.ppo
+    flat = lambda x: x.reshape((setup.batch_size, *x.shape[2:]))
+    values = _apply(setup, "critic", params["critic"], flat(trajectory.obs))[0]
+    next_values = _apply(setup, "critic", params["critic"], flat(trajectory.next_obs))[0]
+    shape = (setup.num_steps, setup.num_envs)
+    advantages, returns = losses.gae(
+        trajectory.rewards, values.reshape(shape), next_values.reshape(shape),
+        trajectory.terminated, trajectory.done, p.gamma, p.gae_lambda)
+    return Batch(flat(trajectory.obs), flat(trajectory.actions), flat(trajectory.log_probs),
+                 flat(advantages), flat(returns), values)
+
+
+# ------------------------------------------------------------------------------------------
+# Learning
+
+
+class UpdateInputs(NamedTuple):
+    """What every gradient step of one PPO update reads.
+
+    ``update_index`` is the update's index in its phase; ``er_obs`` the observations the ER
+    ascent reads (the rollout's first ``erank_batch``).
+    """
+
+    tx: optax.GradientTransformation
+    values: dict[str, Any]
+    er_obs: jax.Array
+    key: jax.Array
+    update_index: jax.Array
+
+
+def _network_step(setup: Setup, name: str, inputs: UpdateInputs, params: PyTree,
+                  opt_state: PyTree, method_state: PyTree, grads: PyTree,
+                  features: dict[str, jax.Array], obs: jax.Array, phase_step: jax.Array,
+                  key: jax.Array):
+    """One optimizer step of network ``name`` and the method's hooks.
+
+    ``phase_step`` counts the gradient steps of the current phase from scan indices, so it
+    is the same for every vmapped run and the periodic hooks stay a real ``lax.cond``
+    (a per-run counter would turn it into a select that runs the hook at every step).
+    """
+    features_fn = lambda prm: _apply(setup, name, prm, obs)[1]
+    noise_key, fresh_key = jax.random.split(key)
+    updates, opt_state = inputs.tx.update(grads, opt_state, params, features_fn=features_fn,
+                                          key=noise_key)
+    params = optax.apply_updates(params, updates)
+    return setup.method.after_update(inputs.values, params, opt_state, method_state, StepInputs(
+        step=phase_step, features=features, features_fn=features_fn,
+        scoring_features=lambda prm: features,  # the minibatch's, before the update
+        fresh_params=lambda: policy.init_params(setup.nets, fresh_key)[name],
+        layer_pairs=setup.layer_pairs[name]))
+
+
+def _minibatch_step(setup: Setup, inputs: UpdateInputs, carry: tuple, xs: tuple):
+    """One gradient step of both networks on a minibatch; ``carry`` is ``(params, opt_state,
+    method_state, step)``, ``xs`` the minibatch and its epoch's and its own index."""
+    p = setup.config.ppo
+    minibatch, epoch_index, minibatch_index = xs
+    phase_step = ((inputs.update_index * p.update_epochs + epoch_index) * p.num_minibatches
+                  + minibatch_index)
+    params, opt_state, method_state, step = carry
+    grads, (info, features) = jax.grad(functools.partial(_loss, setup), has_aux=True)(
+        params, minibatch)
+    if p.max_grad_norm > 0:
+        grads = optax.clip_by_global_norm(p.max_grad_norm).update(grads, optax.EmptyState())[0]
+    step_key = jax.random.fold_in(jax.random.fold_in(inputs.key, 1), step)
+    obs = inputs.er_obs if setup.erank_ascent else minibatch.obs
+    new, recycled = {}, jnp.zeros((), jnp.int32)
+    for i, name in enumerate(NETWORKS):
+        new[name] = _network_step(setup, name, inputs, params[name], opt_state[name],
+                                  method_state[name], grads[name], features[name], obs,
+                                  phase_step, jax.random.fold_in(step_key, i))
+        recycled = recycled + new[name][3]
+    params = {n: new[n][0] for n in NETWORKS}
+    opt_state = {n: new[n][1] for n in NETWORKS}
+    method_state = {n: new[n][2] for n in NETWORKS}
+    return (params, opt_state, method_state, step + 1), {**info, "recycled": recycled}
+
+
+def _learn(setup: Setup, tx: optax.GradientTransformation, values: dict[str, Any],
+           carry: tuple, batch: Batch, key: jax.Array, update_index: jax.Array):
+    """``update_epochs`` passes of minibatch steps over ``batch`` (update ``update_index``
+    of the phase); the ER ascent sees the rollout's first ``erank_batch`` observations."""
+    p = setup.config.ppo
+    inputs = UpdateInputs(tx, values, batch.obs[:setup.er_batch], key, update_index)
+
+    def epoch(carry, xs):
+        epoch_key, epoch_index = xs
+        order = jax.random.permutation(epoch_key, setup.batch_size)
+        minibatches = jax.tree.map(
+            lambda x: x[order].reshape((p.num_minibatches, setup.minibatch_size, *x.shape[1:])),
+            batch)
+        indices = jnp.full((p.num_minibatches,), epoch_index), jnp.arange(p.num_minibatches)
+        return jax.lax.scan(functools.partial(_minibatch_step, setup, inputs), carry,
+                            (minibatches, *indices))
+
+    epoch_keys = jax.random.split(jax.random.fold_in(key, 0), int(p.update_epochs))
+    carry, info = jax.lax.scan(epoch, carry, (epoch_keys, jnp.arange(p.update_epochs)))
+    recycled = jnp.sum(info.pop("recycled"))
+    return carry, {**jax.tree.map(jnp.mean, info), "recycled": recycled}
+
+
+def _update(setup: Setup, tx: optax.GradientTransformation, values: dict[str, Any],
+            dynamics: PyTree, train_key: jax.Array, carry: tuple, u: jax.Array):
+    """PPO update ``u`` of a phase: a rollout, GAE, ``_learn``. ``carry`` is ``(learner,
+    env_state, obs, episode_return)``, ``learner`` the ``_minibatch_step`` carry."""
+    learner, env_state, obs, episode_return = carry
+    key = jax.random.fold_in(jax.random.fold_in(train_key, 1), u)
+    rollout_key, learn_key = jax.random.split(key)
+    env_state, obs, episode_return, trajectory, finished = _rollout(
+        setup, learner[0]["actor"], env_state, obs, episode_return, dynamics, rollout_key)
+    batch = _to_batch(setup, learner[0], trajectory)
+    learner, info = _learn(setup, tx, values, learner, batch, learn_key, u)
+    info |= {"return_sum": jnp.sum(finished), "episodes": jnp.sum(trajectory.done),
+             "reward_sum": jnp.sum(trajectory.rewards)}
+    return (learner, env_state, obs, episode_return), info
+
+
+# ------------------------------------------------------------------------------------------
+# Measurements and one phase
+
+
+def _measure(setup: Setup, params: PyTree, env_state: envs_lib.EnvState, obs: jax.Array,
+             dynamics: PyTree, key: jax.Array):
+    """Feature metrics, and (with ``measure_hessian``) the PPO loss's Hessian spectrum, on a
+    fresh rollout from the current environments (which it leaves unchanged).
+
+    Returns ``(batch, feature metrics, key)``: the rollout's batch and the key left for the
+    Hessian's Lanczos probes."""
+    rollout_key, lanczos_key = jax.random.split(key)
+    trajectory = _rollout(setup, params["actor"], env_state, obs,
+                          jnp.zeros((setup.num_envs,), jnp.float32), dynamics, rollout_key)[3]
+    batch = _to_batch(setup, params, trajectory)
+    sample = batch.obs[:setup.feature_samples]
+    features = {f"{n}/{layer}": value for n in NETWORKS
+                for layer, value in _apply(setup, n, params[n], sample)[1].items()}
+    return batch, metrics.feature_metrics(features), lanczos_key
+
+
+def _curvature(setup: Setup, params: PyTree, batch: Batch, key: jax.Array
+               ) -> dict[str, jax.Array]:
+    """The SLQ spectral density of the Hessian of the PPO loss on ``batch`` and its record."""
+    hess = setup.config.hessian
+    full_batch_loss = lambda prm: _loss(setup, prm, batch)[0]
+    density = spectral_density(full_batch_loss, params, key=key,
+                               num_iters=int(hess.num_iters),
+                               num_probes=int(hess.num_probes), grid_size=int(hess.grid_size))
+    return spectrum_record(density, hess.eps)
+
+
+def _phase_row(setup: Setup, state: RunnerState, params: PyTree, info: dict[str, jax.Array],
+               dynamics: PyTree) -> dict[str, jax.Array]:
+    """The phase's row without its measurements, from the per-update ``info`` of its scan."""
+    episodes, return_sum = info.pop("episodes"), info.pop("return_sum")
+    mean_return = lambda s, n: jnp.where(n > 0, s / jnp.maximum(n, 1), jnp.nan)
+    last = setup.last_updates
+    env_steps = setup.updates_per_phase * setup.batch_size
+    return {
+        "episode_return": mean_return(jnp.sum(return_sum), jnp.sum(episodes)),
+        "episode_return_last": mean_return(jnp.sum(return_sum[-last:]),
+                                           jnp.sum(episodes[-last:])),
+        "update_return_sum": return_sum,
+        "update_episodes": episodes,
+        "episodes": jnp.sum(episodes),
+        "reward_per_step": jnp.sum(info.pop("reward_sum")) / env_steps,
+        "recycled_units": jnp.sum(info.pop("recycled")),
+        **{k: jnp.mean(v) for k, v in info.items()},
+        "weight_norm": metrics.weight_norm(params),
+        **{f"weight_norm/{n}": metrics.weight_norm(params[n]) for n in NETWORKS},
+        "env_steps": (state.phase + 1) * env_steps,
+        **{k: jnp.asarray(v, jnp.float32) for k, v in setup.env.describe(dynamics).items()},
+    }
+
+
+def run_phase(setup: Setup, state: RunnerState, hparams: Mapping[str, jax.Array]
+              ) -> tuple[RunnerState, dict[str, jax.Array]]:
+    """One phase: the method's task-start hook, the Hessian at its start (``measure_hessian``),
+    ``updates_per_phase`` PPO updates, its row (feature metrics and the Hessian at its end)."""
+    tx = _optimizer(setup, hparams)
+    values = setup.method.values(setup.settings, hparams)
+    dynamics = envs_lib.phase_dynamics(state.schedule, state.phase)
+    train_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.phase)
+    measure_key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.phase)
+    params, opt_state = state.params, state.opt_state
+    fresh = lambda: policy.init_params(setup.nets, jax.random.fold_in(train_key, 0))
+    started = {n: setup.method.at_task_start(params[n], opt_state[n], lambda n=n: fresh()[n], tx)
+               for n in NETWORKS}
+    params = {n: started[n][0] for n in NETWORKS}
+    opt_state = {n: started[n][1] for n in NETWORKS}
+    at_start: dict[str, jax.Array] = {}
+    if setup.config.measure_hessian:
+        batch, _, key = _measure(setup, params, state.env_state, state.obs, dynamics,
+                                 jax.random.fold_in(measure_key, 0))
+        at_start = _curvature(setup, params, batch, key)
+        # Measurement before training, as in the supervised trainer (XLA CPU hang).
+        at_start, params, opt_state = jax.lax.optimization_barrier((at_start, params, opt_state))
+    carry = ((params, opt_state, state.method_state, state.step), state.env_state,
+             state.obs, state.episode_return)
+    (learner, env_state, obs, episode_return), info = jax.lax.scan(
+        functools.partial(_update, setup, tx, values, dynamics, train_key), carry,
+        jnp.arange(setup.updates_per_phase))
+    params, opt_state, method_state, step = learner
+    batch, feature_metrics, key = _measure(setup, params, env_state, obs, dynamics,
+                                           jax.random.fold_in(measure_key, 1))
+    row = _phase_row(setup, state, params, info, dynamics) | feature_metrics
+    if setup.config.measure_hessian:
+        row |= schema.start_end_columns(at_start, _curvature(setup, params, batch, key))
+    new_state = RunnerState(params, opt_state, method_state, env_state, obs, episode_return,
+                            state.schedule, state.key, state.phase + 1, step)
+    return new_state, row
+
+
+def run_chunk(setup: Setup, state: RunnerState, hparams: Mapping[str, jax.Array]
+              ) -> tuple[RunnerState, dict[str, jax.Array]]:
+    """``phases_per_chunk`` phases as one ``lax.scan``."""
+    method_registry.check_sweep(setup.method, list(hparams))
+    return jax.lax.scan(lambda s, _: run_phase(setup, s, hparams), state, None,
+                        length=int(setup.config.phases_per_chunk))
+
+
+def make_train(config: ml_collections.ConfigDict) -> ChunkedTrainer:
+    """The chunked continual-PPO trainer of ``config`` (fields: see ``default_config``)."""
+    setup = make_setup(config)
+    phases_per_chunk = int(setup.config.phases_per_chunk)
+    return ChunkedTrainer(init=functools.partial(init, setup),
+                          run_chunk=functools.partial(run_chunk, setup),
+                          num_chunks=setup.config.num_phases // phases_per_chunk,
+                          rows_per_chunk=phases_per_chunk, row_name="phase",
+                          work_per_row=setup.updates_per_phase * setup.batch_size,
+                          work_unit="env steps", divergence_keys=DIVERGENCE_KEYS)
 
 
 def train_fn(trainer: ChunkedTrainer

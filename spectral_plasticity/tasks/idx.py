@@ -166,3 +166,18 @@ def load_idx_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, 
         _verify(name, found)
     arrays = {key: read_idx(found / filename) for key, filename in FILES.items()}
     return ImageDataset(**arrays)
+
+
+def idx_dataset_or_random(name: str) -> tuple[ImageDataset, str]:
+    """``name`` when it is on disk (never downloaded), otherwise uniformly random images with
+    MNIST's shapes (10,000 training and 2,000 test images of 28 x 28 pixels, 10 classes); and
+    which of the two it is, in words. For measurements that do not depend on the pixels
+    (speed)."""
+    try:
+        return load_idx_dataset(name, download=False), name
+    except DataError:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (12_000, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, 12_000).astype(np.uint8)
+        return (ImageDataset(images[:10_000], labels[:10_000], images[10_000:],
+                             labels[10_000:]), f"synthetic 784-pixel images ({name} not found)")

@@ -42,6 +42,13 @@ def tiny_idx(tmp_path):
     return tmp_path, arrays
 
 
+@pytest.fixture
+def tiny_mnist(tiny_idx):
+    """The tiny IDX files read back as "mnist" (unverified), and the arrays written."""
+    directory, arrays = tiny_idx
+    return load_idx_dataset("mnist", directory, download=False, verify=False), arrays
+
+
 def test_idx_round_trip(tiny_idx):
     directory, arrays = tiny_idx
     data = load_idx_dataset("mnist", directory, download=False, verify=False)
@@ -70,6 +77,27 @@ def test_wrong_checksum_truncated_and_missing_files_are_clear_errors(tiny_idx, t
         load_idx_dataset("cifar")
 
 
+def test_idx_dataset_or_random_falls_back_to_random_images_of_mnists_shapes(monkeypatch):
+    from spectral_plasticity.tasks import idx
+
+    on_disk = object()
+    monkeypatch.setattr(idx, "load_idx_dataset",
+                        lambda name, download: on_disk if not download else None)
+    data, source = idx.idx_dataset_or_random("mnist")
+    assert data is on_disk and source == "mnist"
+
+    def missing(name, download):
+        raise DataError(f"{name} not found")
+
+    monkeypatch.setattr(idx, "load_idx_dataset", missing)
+    random, source = idx.idx_dataset_or_random("fashion_mnist")
+    assert source == "synthetic 784-pixel images (fashion_mnist not found)"
+    assert random.train_images.shape == (10_000, 28, 28)
+    assert random.test_images.shape == (2_000, 28, 28)
+    assert random.train_images.dtype == random.train_labels.dtype == np.uint8
+    assert set(np.unique(random.test_labels).tolist()) == set(range(10))
+
+
 @pytest.mark.skipif(not (SYSTEM_DIRS["fashion_mnist"] / FILES["train_images"]).exists(),
                     reason="real Fashion-MNIST skipped: `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist_from_the_debian_package():
@@ -78,9 +106,8 @@ def test_real_fashion_mnist_from_the_debian_package():
     assert np.bincount(data.train_labels).tolist() == [6000] * 10
 
 
-def test_permuted_tasks_are_reproducible_permutations(tiny_idx):
-    directory, arrays = tiny_idx
-    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+def test_permuted_tasks_are_reproducible_permutations(tiny_mnist):
+    data, arrays = tiny_mnist
     stream = PermutedImages(data, name="permuted_tiny", num_tasks=5, train_size=50, eval_size=20)
     key = jax.random.key(0)
     t0, t1 = stream.begin_task(key, 0), stream.begin_task(key, jnp.asarray(1))
@@ -106,9 +133,8 @@ def test_permuted_tasks_are_reproducible_permutations(tiny_idx):
 
 
 def test_random_labels_are_redrawn_per_task_on_a_fixed_subset_and_eval_is_memorization(
-        tiny_idx):
-    directory, arrays = tiny_idx
-    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+        tiny_mnist):
+    data, arrays = tiny_mnist
     stream = RelabeledImages(data, mode="random", name="r", num_tasks=3, train_size=30,
                              eval_size=10)
     flat = arrays["train_images"].reshape(50, 16).astype(np.uint8)
@@ -140,9 +166,8 @@ def test_random_labels_are_redrawn_per_task_on_a_fixed_subset_and_eval_is_memori
 
 
 def test_epochs_present_the_fixed_subset_epoch_after_epoch_with_one_labeling_per_task(
-        tiny_idx):
-    directory, arrays = tiny_idx
-    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+        tiny_mnist):
+    data, arrays = tiny_mnist
     once = RelabeledImages(data, mode="random", name="r", num_tasks=2, train_size=12,
                            eval_size=12)
     stream = RelabeledImages(data, mode="random", name="r", num_tasks=2, train_size=12,
@@ -173,9 +198,8 @@ def test_epochs_present_the_fixed_subset_epoch_after_epoch_with_one_labeling_per
                         epochs=0)
 
 
-def test_shuffled_labels_permute_the_classes_per_task(tiny_idx):
-    directory, arrays = tiny_idx
-    data = load_idx_dataset("mnist", directory, download=False, verify=False)
+def test_shuffled_labels_permute_the_classes_per_task(tiny_mnist):
+    data, arrays = tiny_mnist
     stream = RelabeledImages(data, mode="shuffled", name="s", num_tasks=3, eval_size=20,
                              flatten=False)
     assert stream.input_shape == (4, 4, 1) and stream.train_size == 50

@@ -1,4 +1,6 @@
-"""The continual supervised trainer: chunking, vmapped seeds, every method, the new-task Hessian.
+"""The continual supervised trainer: chunking, vmapped seeds, every method, the new-task Hessian
+(at the previous task's final parameters, on held-out or training examples, before or after a
+head reset).
 
 A tiny stream (2x2 "images", 3 classes, a fresh pixel permutation per task) stands in for
 Permuted MNIST; its tasks depend on the task index only, so the tests can rebuild any task's
@@ -187,16 +189,26 @@ def _dense_top_eigenvalue(trainer_config, params, x, y):
     return float(np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))[-1])
 
 
-def test_new_task_hessian_is_taken_on_the_new_task_at_the_previous_final_params(tiny_stream):
+def _two_tasks(monkeypatch, reset_head=False, **changes):
+    """Tasks 0 and 1, one per chunk, the Hessian measured: ``(stream, config, the params at
+    task 0's end, the state and rows after task 1)``; ``changes``: config fields by their
+    dotted names."""
+    stream = TinyStream(reset_head=reset_head)
+    monkeypatch.setattr(supervised, "_stream", lambda config: stream)
     config = tiny_config(tasks_per_chunk=1, measure=True)
+    config.update_from_flattened_dict(changes)
     trainer = supervised.make_train(config)
-    init, run_chunk = jax.jit(trainer.init), jax.jit(trainer.run_chunk)
-    state = init(jax.random.key(0), {})
-    state, _ = run_chunk(state, {})  # task 0
+    run_chunk = jax.jit(trainer.run_chunk)
+    state, _ = run_chunk(jax.jit(trainer.init)(jax.random.key(0), {}), {})  # task 0
     previous = state.params
     state, rows = run_chunk(state, {})  # task 1, measured at its start and end
-    old_x, old_y = tiny_stream.eval_data(tiny_stream.begin_task(None, 0))
-    new_x, new_y = tiny_stream.eval_data(tiny_stream.begin_task(None, 1))
+    return stream, config, previous, state, rows
+
+
+def test_new_task_hessian_is_taken_on_the_new_task_at_the_previous_final_params(monkeypatch):
+    stream, config, previous, state, rows = _two_tasks(monkeypatch)
+    old_x, old_y = stream.eval_data(stream.begin_task(None, 0))
+    new_x, new_y = stream.eval_data(stream.begin_task(None, 1))
     # The model has 4*5+5+5*3+3 = 43 parameters and Lanczos runs 40 steps with full
     # reorthogonalization: its largest Ritz value is the largest eigenvalue.
     expected = _dense_top_eigenvalue(config, previous, new_x, new_y)
@@ -211,6 +223,29 @@ def test_new_task_hessian_is_taken_on_the_new_task_at_the_previous_final_params(
     assert 0.0 <= float(rows["epsilon_rank_init"][0]) <= 1.0
 
 
+def test_the_start_of_task_hessian_sees_the_head_unless_before_hessian_is_asked(monkeypatch):
+    stream, config, previous, state, rows = _two_tasks(monkeypatch, True)
+    x, y = stream.eval_data(stream.begin_task(None, 1))  # hessian.examples: all 20
+    # "stream": the head is zeroed after the measurement, so it measured the previous params.
+    np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]),
+                               _dense_top_eigenvalue(config, previous, x, y), rtol=1e-3)
+    _, _, before_previous, _, before = _two_tasks(monkeypatch, True, head_reset="before_hessian")
+    zeroed = {**before_previous, "head": jax.tree.map(jnp.zeros_like, before_previous["head"])}
+    np.testing.assert_allclose(float(before["top_eigenvalue_init"][0]),
+                               _dense_top_eigenvalue(config, zeroed, x, y), rtol=1e-3)
+    never = _two_tasks(monkeypatch, True, head_reset="never")
+    assert not np.allclose(never[3].params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def test_the_hessian_on_the_new_tasks_training_examples(monkeypatch):
+    stream, config, previous, _, rows = _two_tasks(monkeypatch, **{"hessian.data": "train"})
+    x, y = stream.train_batch(stream.begin_task(None, 1), 0, STEPS)
+    held_out = stream.eval_data(stream.begin_task(None, 1))
+    expected = _dense_top_eigenvalue(config, previous, x, y)
+    assert abs(expected - _dense_top_eigenvalue(config, previous, *held_out)) > 1e-3 * expected
+    np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]), expected, rtol=1e-3)
+
+
 def test_bad_input_gives_clear_errors(tiny_stream):
     with pytest.raises(ValueError, match=r"unknown methods \['sgd_plus'\]; choose from"):
         supervised.make_train(tiny_config("sgd_plus"))
@@ -220,6 +255,14 @@ def test_bad_input_gives_clear_errors(tiny_stream):
         supervised.make_train(config)
     config = tiny_config(tasks_per_chunk=3)
     with pytest.raises(ValueError, match="tasks_per_chunk 3 must divide num_tasks 4"):
+        supervised.make_train(config)
+    config = tiny_config()
+    config.hessian.data = "test"
+    with pytest.raises(ValueError, match="hessian.data must be 'eval' or 'train'"):
+        supervised.make_train(config)
+    config = tiny_config()
+    config.head_reset = "always"
+    with pytest.raises(ValueError, match="head_reset must be 'stream', 'never' or"):
         supervised.make_train(config)
 
 
