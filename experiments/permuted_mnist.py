@@ -28,9 +28,8 @@ def get_config(scale: str = "small"):
     config.method_settings.erank_learning_rate = 1e-3
     config.hessian.eps = 0.01  # the paper's for Permuted MNIST (lop-jax analysis/fig5.py:79)
     # KFAC factors A and G of every layer at each measured new-task initialization, compared
-    # with the exact GGN block of the first hidden layer and the head. On for accelerators; on
-    # XLA's CPU runtime the chunk of an ER method with KFAC never finishes (README, "Known
-    # problems"), so the CPU scale leaves it off (OVERRIDES="kfac.enabled=True" turns it on).
+    # with the exact GGN block of the first hidden layer and the head. On at the paper scale;
+    # the CPU scale leaves it off for time (OVERRIDES="kfac.enabled=True" turns it on).
     config.kfac.update(enabled=scale == "paper", compare_layers=("hidden_0", "head"))
     if scale == "paper":
         # The paper's code, lop-jax (KevinGuo27/lop-jax @ 52ae3eb), permuted_mnist/: config.py
