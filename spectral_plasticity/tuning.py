@@ -5,7 +5,7 @@ its settings on Permuted MNIST: SGD at step size 0.01, 60,000 steps per task, an
 ascent every 100 steps. A protocol with step size ``lr`` and ``K`` steps per task keeps what
 each setting does *per task* (``rescale``):
 
-- a penalty added to the gradient (``l2``, ``l2_init``, ``spectral_reg``, ``parseval``,
+- a penalty added to the gradient (``l2``, ``l2_init``, ``spectral_norm``, ``parseval``,
   ``erank`` of the joint form) shrinks the weights by about ``exp(-lr * strength * K)`` per task:
   ``strength * lr * K`` is kept, so ``strength' = strength * (0.01 * 60,000) / (lr * K)``;
 - a per-step parameter change that does not go through the step size (``shrink``, CBP's
