@@ -1,11 +1,15 @@
-"""Lanczos on operators with known spectra: diagonal, rank-deficient, and against numpy."""
+"""Lanczos on operators with known spectra: diagonal, rank-deficient, and against numpy; the
+compiled program's size against the steps and the data."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
-from spectral_plasticity.curvature import lanczos, ritz_pairs, tridiagonal
+from spectral_plasticity.curvature import dataset_operator, lanczos, ritz_pairs, tridiagonal
+
+from .conftest import cross_entropy
 
 
 def _orthogonal(n, seed):
@@ -77,6 +81,29 @@ def test_lanczos_is_one_compiled_loop_and_vmaps():
     jaxpr = str(jax.make_jaxpr(lambda v0: lanczos(counting_matvec, v0, 50).alphas)(starts[0]))
     assert len(traces) == 1  # the operator is traced once: no Python loop over the 50 steps
     assert "scan" in jaxpr or "while" in jaxpr
+
+
+def _compiled_op_counts(problem, num_iters: int, chunk_size: int) -> dict[str, int]:
+    """Matrix products, fused kernels and loops in XLA's optimized program of Lanczos over the
+    chunked data operator (what compile time grows with: each kernel is code generated)."""
+
+    def program(params, v0):
+        op = dataset_operator(problem.apply, cross_entropy, params,
+                              (problem.inputs, problem.labels), chunk_size=chunk_size)
+        return lanczos(op.matvec, v0, num_iters).alphas
+
+    v0 = jnp.ones(ravel_pytree(problem.params)[0].size)
+    hlo = jax.jit(program).lower(problem.params, v0).compile().as_text()
+    return {op: hlo.count(f" {op}(") for op in ("dot", "fusion", "while")}
+
+
+def test_compiled_program_does_not_grow_with_steps_or_chunks(mlp_problem):
+    # 4 steps over 4 chunks of 16 examples and 40 steps over 8 chunks of 8 compile to the same
+    # program: neither loop is unrolled and the HVP is emitted once, so compile time is a fixed
+    # cost, whatever num_iters and the data size (benchmarks/curvature.py --compile).
+    small = _compiled_op_counts(mlp_problem, 4, 16)
+    assert small == _compiled_op_counts(mlp_problem, 40, 8)
+    assert small["while"] == 2 and small["dot"] > 0  # the Lanczos loop and the chunk loop
 
 
 def test_bad_num_iters():
