@@ -383,7 +383,8 @@ def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
         schema.metric(name)
 
 
-@pytest.mark.parametrize("method", ["l2_er", "l2_er_joint", "redo"])
+@pytest.mark.parametrize("method", ["l2_er", pytest.param("l2_er_joint", marks=pytest.mark.slow),
+                                    pytest.param("redo", marks=pytest.mark.slow)])
 def test_every_lapack_call_of_a_vmapped_chunk_sees_one_matrix(tiny_stream, method):
     """The XLA CPU stall (docs/RELIABILITY.md): a LAPACK call over a batch of matrices blocks
     a pool thread on the pool itself. The whole chunk of a method that takes SVDs (ER ascent,
