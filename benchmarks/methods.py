@@ -149,7 +149,7 @@ def main() -> None:
           f"Hessian off; best of {repeats} rounds; {jax.devices()[0].platform}")
     for width in (int(w) for w in args.widths.split(",")):
         seconds = task_seconds(methods, width, steps, repeats)
-        ascent = any("erank_every" in method_registry.get(m).settings for m in methods)
+        ascent = any(method_registry.get(m).erank_ascent for m in methods)
         report(width, steps, seconds, ascent_parts(width, repeats) if ascent else None)
 
 

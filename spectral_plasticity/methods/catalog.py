@@ -117,7 +117,8 @@ SHRINK_PERTURB = Part("shrink_perturb", ("shrink", "noise_std"),
                       after=lambda v: shrink_perturb(v["shrink"], v["noise_std"]))
 LAYER_NORM = Part("layer_norm", layer_norm=True)
 ER_ASCENT = Part("er_ascent", ("erank_every", "erank_layers", "erank_learning_rate",
-                               "erank_batch"), after_update=_er_ascent, feature_batch=True)
+                               "erank_batch"), after_update=_er_ascent, feature_batch=True,
+               erank_ascent=True)
 CBP = Part("cbp", ("replacement_rate", "maturity_threshold", "cbp_decay"),
            init_state=cbp_init, after_update=_cbp, recycles=True)
 REDO = Part("redo", ("redo_tau", "redo_every", "erank_batch"), after_update=_redo,

@@ -96,6 +96,7 @@ class Part:
       layer_norm: the model gets LayerNorm before every hidden activation.
       recycles: re-initializes hidden units (its hooks read ``StepInputs.layer_pairs``).
       feature_batch: reads features of a batch of recent examples (``features_fn``).
+      erank_ascent: the alternating ER ascent, whose batch is the inputs since its last step.
       reinitializes: re-initializes the whole network (and the model's statistics) at tasks.
     """
 
@@ -109,6 +110,7 @@ class Part:
     layer_norm: bool = False
     recycles: bool = False
     feature_batch: bool = False
+    erank_ascent: bool = False
     reinitializes: bool = False
 
 
@@ -138,6 +140,10 @@ class Method:
     @property
     def feature_batch(self) -> bool:
         return any(part.feature_batch for part in self.parts)
+
+    @property
+    def erank_ascent(self) -> bool:
+        return any(part.erank_ascent for part in self.parts)
 
     @property
     def reinitializes(self) -> bool:

@@ -328,7 +328,6 @@ class Setup(NamedTuple):
       num_envs, num_steps: the rollout's environments and steps; ``batch_size`` their product.
       minibatch_size: transitions per gradient step.
       er_batch: the rollout transitions the ER ascent reads (its first ones).
-      erank_ascent: whether the method has the alternating ER ascent.
       feature_samples: transitions the phase's feature metrics are measured on.
       last_updates: the updates of a phase's last tenth (``episode_return_last``).
     """
@@ -345,7 +344,6 @@ class Setup(NamedTuple):
     batch_size: int
     minibatch_size: int
     er_batch: int
-    erank_ascent: bool
     feature_samples: int
     last_updates: int
 
@@ -360,8 +358,7 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
     num_envs, num_steps = int(p.num_envs), int(p.num_steps)
     batch_size = num_envs * num_steps
     er_batch = int(settings["erank_batch"])
-    erank_ascent = "erank_every" in method.settings
-    if erank_ascent and not 0 < er_batch <= batch_size:
+    if method.erank_ascent and not 0 < er_batch <= batch_size:
         raise ValueError(f"erank_batch {er_batch} must lie in [1, {batch_size}], the rollout of "
                          "num_envs * num_steps transitions the ER step reads")
     m = config.model
@@ -375,7 +372,7 @@ def make_setup(config: ml_collections.ConfigDict) -> Setup:
         layer_pairs={"actor": unit_layers(nets.actor), "critic": unit_layers(nets.critic)},
         updates_per_phase=updates_per_phase, num_envs=num_envs, num_steps=num_steps,
         batch_size=batch_size, minibatch_size=batch_size // int(p.num_minibatches),
-        er_batch=er_batch, erank_ascent=erank_ascent,
+        er_batch=er_batch,
         feature_samples=min(int(config.feature_samples), batch_size),
         last_updates=max(1, updates_per_phase // 10))
 
@@ -530,7 +527,7 @@ def _minibatch_step(setup: Setup, inputs: UpdateInputs, carry: tuple, xs: tuple)
     if p.max_grad_norm > 0:
         grads = optax.clip_by_global_norm(p.max_grad_norm).update(grads, optax.EmptyState())[0]
     step_key = jax.random.fold_in(jax.random.fold_in(inputs.key, 1), step)
-    obs = inputs.er_obs if setup.erank_ascent else minibatch.obs
+    obs = inputs.er_obs if setup.method.erank_ascent else minibatch.obs
     new, recycled = {}, jnp.zeros((), jnp.int32)
     for i, name in enumerate(NETWORKS):
         new[name] = _network_step(setup, name, inputs, params[name], opt_state[name],

@@ -204,8 +204,8 @@ def _reset_head_at(config: ml_collections.ConfigDict, stream: TaskStream) -> str
 def _er_batch(config: ml_collections.ConfigDict, method: Method, settings: Mapping[str, Any]
               ) -> int:
     """Rows of the input buffer of a feature-based method (0: the method reads none)."""
-    window = int(settings.get("erank_every", 0)) * config.batch_size
-    if "erank_every" in method.settings and int(settings["erank_batch"]) != window:
+    window = int(settings["erank_every"]) * config.batch_size
+    if method.erank_ascent and int(settings["erank_batch"]) != window:
         raise ValueError(f"erank_batch {settings['erank_batch']} must be erank_every x "
                          f"batch_size = {window}: the ER step sees the inputs of the batches "
                          "since the last one")
