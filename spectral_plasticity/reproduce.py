@@ -56,6 +56,9 @@ ALPHA = claims.ALPHA
 # Claim 2 counts as reproduced when epsilon-rank explains at least this share of the variance
 # of performance (the paper reports 0.711); a significant but smaller R^2 is reported as weak.
 STRONG_R2 = 0.5
+# A protocol loses plasticity strongly when BP loses at least this fraction of its early
+# performance (relative to its magnitude), over seeds.
+STRONG_LOSS = 0.3
 # Evaluation seeds start here; tuning seeds are 0 .. tuning_seeds - 1.
 EVAL_SEED_OFFSET = 1000
 # eps candidates: the paper's range (0.01-0.08) and above; which of them the measurement
@@ -296,6 +299,17 @@ def predictive_rows(res: StudyResults) -> list[tuple[str, str, str]]:
     return rows
 
 
+def strong_loss_verdict(lost: claims.Interval) -> str:
+    """Whether BP loses at least STRONG_LOSS of its early performance (the interval's side)."""
+    if not np.isfinite(lost.low):
+        return "inconclusive (fewer than 2 seeds)"
+    if lost.low >= STRONG_LOSS:
+        return f"strong: at least {STRONG_LOSS:g}"
+    if lost.high < STRONG_LOSS:
+        return f"weak: below {STRONG_LOSS:g}"
+    return f"the interval contains {STRONG_LOSS:g}"
+
+
 def claim_rows(res: StudyResults) -> list[tuple[str, str, str, str]]:
     """(claim, statistic, estimate [CI] | n, p, verdict) rows of one study."""
     t, col, w = res.tables, res.columns, res.study.window
@@ -308,6 +322,10 @@ def claim_rows(res: StudyResults) -> list[tuple[str, str, str, str]]:
         out.append(("1. BP loses plasticity",
                     f"BP {metric}: last {w} minus first {w} {row}s (sign: + is better)",
                     fmt(c), direction_verdict(c, better=False)))
+        lost = claims.t_interval(((early - final["bp"]) / early.abs()).dropna().to_numpy(float))
+        out.append(("1. ... strongly", f"fraction of BP's early {metric} lost, (first - last) "
+                    "/ \|first\|", f"{lost.mean:.3f} [{lost.low:.3f}, {lost.high:.3f}] "
+                    f"(n={lost.n})", strong_loss_verdict(lost)))
     out += epsilon_rank_rows(res)
     if "l2_er" in t and "bp" in t:
         c = paired(final["l2_er"], final["bp"])

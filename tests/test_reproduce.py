@@ -71,6 +71,24 @@ def test_a_loss_metric_flips_the_direction():
     assert claims[0][3] == "reproduced"
 
 
+def test_the_fraction_of_early_performance_lost_against_its_hand_computed_value():
+    # Accuracy 0.8 -> 0.2 (3/4 lost, strong); a loss 0.5 -> 0.6 (1/5 lost, weak); per seed
+    # offsets so the interval over seeds has a width.
+    def lost(higher_is_better, value):
+        tables = {"bp": _table(range(4), 10, value)}
+        res = reproduce.StudyResults(reproduce.Study("x", ("bp",), window=2), tables,
+                                     plots.PlotColumns(), higher_is_better=higher_is_better)
+        return next(c for c in reproduce.claim_rows(res) if c[0] == "1. ... strongly")
+
+    row = lost(True, lambda s, t: (0.8 if t < 2 else 0.2 if t >= 8 else 0.5) + 0.01 * s)
+    per_seed = [((0.8 + 0.01 * s) - (0.2 + 0.01 * s)) / (0.8 + 0.01 * s) for s in range(4)]
+    assert row[2].startswith(f"{np.mean(per_seed):.3f} [")
+    assert row[3] == "strong: at least 0.3"
+    row = lost(False, lambda s, t: (0.5 if t < 2 else 0.6 if t >= 8 else 0.55) + 0.001 * s)
+    assert row[2].startswith(f"{np.mean([0.1 / (0.5 + 0.001 * s) for s in range(4)]):.3f} [")
+    assert row[3] == "weak: below 0.3"
+
+
 def test_a_significant_but_weak_epsilon_rank_link_is_not_called_reproduced():
     rng = np.random.default_rng(0)
     rows = [{"seed": s, "task": t, "eval_accuracy": e + rng.normal(0, 1.0),
