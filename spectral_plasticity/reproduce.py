@@ -324,7 +324,7 @@ def claim_rows(res: StudyResults) -> list[tuple[str, str, str, str]]:
                     fmt(c), direction_verdict(c, better=False)))
         lost = claims.t_interval(((early - final["bp"]) / early.abs()).dropna().to_numpy(float))
         out.append(("1. ... strongly", f"fraction of BP's early {metric} lost, (first - last) "
-                    "/ \|first\|", f"{lost.mean:.3f} [{lost.low:.3f}, {lost.high:.3f}] "
+                    r"/ \|first\|", f"{lost.mean:.3f} [{lost.low:.3f}, {lost.high:.3f}] "
                     f"(n={lost.n})", strong_loss_verdict(lost)))
     out += epsilon_rank_rows(res)
     if "l2_er" in t and "bp" in t:

@@ -25,9 +25,10 @@ updates it in place (the step reads the old weights in the forward and backward 
 writes the new ones): a full extra read and write of the weights per step, which at batch 1 is
 most of the step. ``xla_cpu_copy_insertion_use_region_analysis`` proves the reads come first and
 drops the copies: the trainer's chunk at batch 1 ran 1.6-2.6x faster (``benchmarks/
-supervised.py``), with bit-identical results (``tests/test_runtime.py``). Everything concerns the CPU
-backend only; a user's own choice (``OPENBLAS_NUM_THREADS``, ``XLA_FLAGS``,
-``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
+supervised.py``), with bit-identical results (``tests/test_runtime.py``).
+
+Everything concerns the CPU backend only; a user's own choice (``OPENBLAS_NUM_THREADS``,
+``XLA_FLAGS``, ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.
 """
 
 from __future__ import annotations

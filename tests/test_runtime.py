@@ -1,8 +1,19 @@
-"""The JAX settings our entry points make: CPU async dispatch off unless the user chose."""
+"""The JAX settings our entry points make (``spectral_plasticity.runtime``); a user's own choice
+wins."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
+import numpy as np
+import pytest
 
 from spectral_plasticity import runtime
+
+FIXTURE = Path(__file__).parent / "copy_insertion_fixture.py"
+REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
 
 FLAG = "jax_cpu_enable_async_dispatch"
 
@@ -22,18 +33,47 @@ def test_async_dispatch_is_off_unless_the_user_chose(monkeypatch):
         jax.config.update(FLAG, before)
 
 
-def test_xla_flag_is_added_once_and_a_user_choice_is_kept(monkeypatch):
+def test_xla_flags_are_added_once_and_a_user_choice_is_kept(monkeypatch):
     import os
 
-    name = "--xla_cpu_enable_concurrency_optimized_scheduler"
+    ours = [f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS.items()]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     runtime.configure_runtime()
     runtime.configure_runtime()
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
-                                               f"{name}=false"]
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4", *ours]
+    name = "--xla_cpu_enable_concurrency_optimized_scheduler"
     monkeypatch.setenv("XLA_FLAGS", f"{name}=true")
     runtime.configure_runtime()
-    assert os.environ["XLA_FLAGS"] == f"{name}=true"
+    assert os.environ["XLA_FLAGS"].split() == [f"{name}=true", *ours[1:]]
+
+
+def test_a_scan_step_does_not_copy_the_weights_it_updates():
+    """The trainer's compiled chunk (vmapped seeds), under the flags the tests run with
+    (conftest): no weight matrix is copied from the scan's carry (runtime docstring)."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURE.parent))
+    import copy_insertion_fixture
+
+    assert copy_insertion_fixture.weight_copies("bp") == 0
+
+
+@pytest.mark.slow
+def test_copy_insertion_with_region_analysis_changes_no_number(tmp_path):
+    """The same chunks (BP; L2-ER with its ascent and the Hessian) in fresh interpreters with
+    the flag off and on: bit-identical rows and weights, and the copy gone only with it."""
+    results = {}
+    for value in ("false", "true"):
+        env = {**os.environ, "PYTHONPATH": str(FIXTURE.parents[1]), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--{REGION_ANALYSIS}={value}"}
+        subprocess.run([sys.executable, str(FIXTURE), str(tmp_path / f"{value}.npz")], env=env,
+                       check=True)
+        results[value] = np.load(tmp_path / f"{value}.npz")
+    off, on = results["false"], results["true"]
+    assert int(off["copies"]) >= 1 and int(on["copies"]) == 0
+    assert sorted(off.files) == sorted(on.files) and len(off.files) > 20
+    for name in set(off.files) - {"copies"}:
+        np.testing.assert_array_equal(off[name], on[name], err_msg=name)
 
 
 def _scipy_blas_threads() -> set[int]:
