@@ -12,8 +12,10 @@ otherwise synthetic 784-pixel images with the same shapes (the output says which
 a step does not depend on the pixel values.
 
 It also prints the ceilings that memory bandwidth puts on both ratios. At batch 1 a step is a
-chain of matrix-vector products: it reads every weight at least twice (forward; gradient and
-update) and writes it once, 3 x 4 bytes per parameter, with almost no arithmetic per byte. The
+chain of matrix-vector products: it reads every weight three times (the forward and the
+backward matrix-vector products, then the update) and writes it once, 4 x 4 bytes per
+parameter, with almost no arithmetic per byte (only a hand-written kernel that fused the
+backward product into the update could read it twice; XLA runs them as two operations). The
 bandwidth of one such pass is measured on arrays of one seed's and of all seeds' parameter
 count (a jitted scale-and-add), which gives the shortest possible step; a per-step loop can be
 at most (shortest step + the loop's own overhead per step) / shortest step slower than the scan,
@@ -23,6 +25,9 @@ one seed when all seeds' weights stream together) faster than serial runs.
     .venv/bin/python benchmarks/supervised.py            # full: 2,000-step tasks
     .venv/bin/python benchmarks/supervised.py --quick    # 500-step tasks, fewer repeats
     .venv/bin/python benchmarks/supervised.py --quick --hidden=100,100,100  # the CPU studies'
+
+It runs under the settings of our entry points (``runtime.configure_runtime``);
+``--no-runtime`` measures JAX's defaults instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
 import time
 
 import jax
@@ -37,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spectral_plasticity import runtime
 from spectral_plasticity.tasks import PermutedImages
 from spectral_plasticity.tasks.idx import ImageDataset, idx_dataset_or_random
 from spectral_plasticity.train import supervised
 
 LEARNING_RATE = 1e-2
-BYTES_PER_PARAMETER_STEP = 3 * 4  # float32 weights read twice and written once per step
+BYTES_PER_PARAMETER_STEP = 4 * 4  # float32 weights read three times and written once per step
 
 
 def _config(steps: int, hidden: tuple[int, ...]):
@@ -178,7 +185,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--hidden", default="1000,1000,1000",
                         help="hidden widths of the MLP (the paper's: 1000,1000,1000)")
+    parser.add_argument("--no-runtime", action="store_true",
+                        help="JAX's default settings instead of runtime.configure_runtime()'s")
     args = parser.parse_args()
+    if not args.no_runtime:
+        runtime.configure_runtime()
     hidden = tuple(int(w) for w in args.hidden.split(","))
     steps = args.steps or (500 if args.quick else 2000)
     repeats = 1 if args.quick else 3
@@ -189,7 +200,8 @@ def main() -> None:
     num_params = sum(a * b + b for a, b in itertools.pairwise(sizes))
     print(f"online Permuted MNIST, batch 1, MLP {'-'.join(map(str, sizes))} ({num_params:,} "
           f"parameters), SGD {LEARNING_RATE}; data: {source}; {steps} steps per task; best of "
-          f"{repeats}; {jax.devices()[0].platform} ({jax.device_count()} device)")
+          f"{repeats}; {jax.devices()[0].platform} ({jax.device_count()} device); XLA_FLAGS "
+          f"{os.environ.get('XLA_FLAGS', '')!r}")
     scan, vmapped, serial = scan_and_vmap(stream, hidden, steps, repeats, args.seeds)
     loop = python_loop(stream, hidden, steps, repeats)
     torch_rate = torch_loop(data, hidden, steps, repeats)

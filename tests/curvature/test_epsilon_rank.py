@@ -163,6 +163,11 @@ def test_exact_fraction_inside_bounds_and_estimate_close_when_resolved(model_nam
                                expected_se[resolved], rtol=0.6, atol=2e-3)
 
 
+# Jitted once per shape: the bounds' Lanczos and eigh run eagerly op by op otherwise.
+_bounds, _rank = jax.jit(epsilon_rank_bounds), jax.jit(epsilon_rank)
+_smoothed, _fast = jax.jit(smoothed_epsilon_rank), jax.jit(fast_fraction_bounds)
+
+
 def _diagonal(values):
     values = jnp.asarray(values, jnp.float32)
     return CurvatureOperator(matvec=lambda x: values * x, dim=values.shape[0],
@@ -173,27 +178,27 @@ def test_mass_at_exactly_zero_lies_inside_not_the_kernel_tail():
     # 70% of the eigenvalues exactly 0, the rest at 1 and -0.5: Lanczos exhausts the three-
     # dimensional Krylov space, so each probe's measure is known exactly.
     values = np.concatenate([np.zeros(700), np.ones(200), np.full(100, -0.5)])
-    density = spectral_density(_diagonal(values), key=jax.random.key(0), num_iters=10,
-                               num_probes=8, grid_size=500)
+    density = jax.jit(lambda: spectral_density(_diagonal(values), key=jax.random.key(0),
+                                               num_iters=10, num_probes=8, grid_size=500))()
     per_probe = np.sum(np.where(np.abs(np.asarray(density.nodes)) > 0.01,
                                 np.asarray(density.weights), 0.0), axis=1)
-    bounds = epsilon_rank_bounds(density, 0.01)
+    bounds = _bounds(density, 0.01)
     np.testing.assert_allclose(float(bounds.lower), per_probe.mean(), atol=1e-5)
     np.testing.assert_allclose(float(bounds.upper), per_probe.mean(), atol=1e-5)
-    assert abs(float(epsilon_rank(density, 0.01)) - 0.3) < 3 * float(bounds.standard_error)
+    assert abs(float(_rank(density, 0.01)) - 0.3) < 3 * float(bounds.standard_error)
     # The smoothed measure adds the zero node's kernel tail: 0.7 x 2 (1 - Phi(eps / sigma)).
-    smoothed, sigma, tail = smoothed_epsilon_rank(density, 0.01)
+    smoothed, sigma, tail = _smoothed(density, 0.01)
     # sigma^2 = 1e-5 x spectral width 1.5: eps / sigma = 2.58, a tail of about 0.01 per unit mass
     np.testing.assert_allclose(float(tail), 2 * (1 - jax.scipy.stats.norm.cdf(0.01 / sigma)),
                                rtol=1e-4)
     assert float(tail) > 0.005
     np.testing.assert_allclose(float(smoothed), per_probe.mean() + 0.7 * float(tail), atol=2e-3)
     # All the mass at zero: outside is exactly 0 (bounds included); smoothed is the tail itself.
-    zero = spectral_density(_diagonal(np.zeros(50)), key=jax.random.key(1), num_iters=5,
-                            num_probes=2, grid_size=100)
-    assert float(epsilon_rank(zero, 0.01)) == 0.0
-    assert float(epsilon_rank_bounds(zero, 0.01).upper) == 0.0
-    smoothed, sigma, tail = smoothed_epsilon_rank(zero, 0.01)
+    zero = jax.jit(lambda: spectral_density(_diagonal(np.zeros(50)), key=jax.random.key(1),
+                                            num_iters=5, num_probes=2, grid_size=100))()
+    assert float(_rank(zero, 0.01)) == 0.0
+    assert float(_bounds(zero, 0.01).upper) == 0.0
+    smoothed, sigma, tail = _smoothed(zero, 0.01)
     np.testing.assert_allclose(float(smoothed), float(tail), rtol=1e-4)
     np.testing.assert_allclose(float(tail), 2 * (1 - jax.scipy.stats.norm.cdf(0.01 / sigma)),
                                rtol=1e-4)
@@ -212,12 +217,12 @@ def test_gauss_radau_bounds_on_a_known_measure():
     weights = probes ** 2 / np.sum(probes ** 2, axis=1, keepdims=True)
     for eps in (0.05, 0.5, 1.3):
         exact = np.mean(np.sum(weights * (np.abs(values) > eps), axis=1))
-        bounds = epsilon_rank_bounds(density, eps)
+        bounds = _bounds(density, eps)
         assert float(bounds.lower) - 1e-5 <= exact <= float(bounds.upper) + 1e-5
         assert float(bounds.upper - bounds.lower) < 0.5
         threshold = eps + 0.2
         exact_fast = np.mean(np.sum(weights * (values >= threshold), axis=1))
-        fast = fast_fraction_bounds(density, threshold)
+        fast = _fast(density, threshold)
         assert float(fast.lower) - 1e-5 <= exact_fast <= float(fast.upper) + 1e-5
         assert float(fast.lower) <= float(fast.estimate) <= float(fast.upper)
 
