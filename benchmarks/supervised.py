@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--hidden", default="1000,1000,1000",
                         help="hidden widths of the MLP (the paper's: 1000,1000,1000)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch loop (which needs the bench extra)")
     parser.add_argument("--no-runtime", action="store_true",
                         help="JAX's default settings instead of runtime.configure_runtime()'s")
     args = parser.parse_args()
@@ -204,7 +206,7 @@ def main() -> None:
           f"{os.environ.get('XLA_FLAGS', '')!r}")
     scan, vmapped, serial = scan_and_vmap(stream, hidden, steps, repeats, args.seeds)
     loop = python_loop(stream, hidden, steps, repeats)
-    torch_rate = torch_loop(data, hidden, steps, repeats)
+    torch_rate = np.nan if args.no_torch else torch_loop(data, hidden, steps, repeats)
     one_bw = memory_bandwidth(num_params, max(repeats, 3))
     all_bw = memory_bandwidth(args.seeds * num_params, max(repeats, 3))
     shortest = BYTES_PER_PARAMETER_STEP * num_params / one_bw
