@@ -244,3 +244,23 @@ def test_report_from_synthetic_runs_shows_selections_eps_claims_and_signals(tmp_
     assert "2. the collapse precedes the loss" in lines
     assert "| epsilon-rank | " in text and "| weight norm | " in text
     assert "this invocation 10 min" in text
+
+
+def test_the_cpu_plan_meets_the_decisive_studys_design():
+    """Every tuned CPU study: its methods over at least 3 values of each of their strengths,
+    at least 8 fresh evaluation seeds, none of them a tuning seed; the protocols that can lose
+    plasticity strongly (random labels, Dohare's regression at its published scale) are in."""
+    tuned = [s for s in reproduce.CPU_STUDIES if s.tune]
+    assert {"random_label_fashion_mnist", "slowly_changing_regression"} <= {
+        s.experiment for s in tuned}
+    for study in tuned:
+        plan = reproduce.plan_study(study, "small")
+        assert study.eval_seeds >= 8, study.experiment
+        assert not set(study.tuning_seed_list()) & set(study.eval_seed_list())
+        assert set(plan.grids) == set(study.methods) - {"bp", "reset"}, study.experiment
+        for method, strengths in plan.grids.items():
+            assert all(len(set(v)) >= 3 for v in strengths.values()), (study.experiment, method)
+    regression = next(s for s in tuned if s.experiment == "slowly_changing_regression")
+    config = reproduce.study_config(regression, "small")
+    assert (config.optimizer.name, config.stream.flip_after, config.batch_size) == ("sgd",
+                                                                                     10_000, 1)
