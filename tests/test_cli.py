@@ -63,6 +63,7 @@ def test_make_sweep_to_a_file_prints_one_line_per_method_start_and_end(swept):
     assert lines[1].endswith("slowly_changing_regression-small/bp/results.csv")
 
 
+@pytest.mark.slow  # one more CLI process for a logging switch
 def test_verbosity_brings_the_library_logs_back(tmp_path):
     args = ["sweep", "--exp=slowly_changing_regression", f"--workdir={tmp_path}",
             "--methods=bp", "--seeds=1", "--max_chunks=1",

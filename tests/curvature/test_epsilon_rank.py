@@ -109,7 +109,7 @@ def _per_probe_bounds(density, eps):
     def one(i, e):
         rows = jnp.stack([i, i])
         single = density._replace(nodes=density.nodes[rows], weights=density.weights[rows])
-        bounds = epsilon_rank_bounds(single, e)
+        bounds = _bounds(single, e)
         return bounds.lower, bounds.upper
 
     probes = jnp.arange(density.nodes.shape[0])
@@ -148,7 +148,7 @@ def test_exact_fraction_inside_bounds_and_estimate_close_when_resolved(model_nam
     exact = outside.mean(axis=1)
     assert np.all((np.asarray(lo) <= exact + ROUNDING) & (exact <= np.asarray(hi) + ROUNDING))
     estimate = np.asarray(bounds.estimate)
-    np.testing.assert_allclose(estimate, [float(epsilon_rank(density, e)) for e in EPS],
+    np.testing.assert_allclose(estimate, [float(_rank(density, e)) for e in EPS],
                                atol=1e-6)
     # The Gauss rule is one measure with the probes' moments: the estimate is inside the bounds.
     assert np.all((np.asarray(bounds.lower) <= estimate + ROUNDING)
@@ -232,14 +232,14 @@ def test_record_holds_every_column_consistently(mlp_problem):
                                num_iters=20, num_probes=4, grid_size=300)
     record = epsilon_rank_record(density, 0.05)
     assert tuple(record) == EPSILON_RANK_COLUMNS
-    bounds = epsilon_rank_bounds(density, 0.05)
+    bounds = _bounds(density, 0.05)
     lo, hi = bounds.interval()
     np.testing.assert_allclose(
         [float(record[k]) for k in ("epsilon_rank", "epsilon_rank_lo", "epsilon_rank_hi",
                                      "epsilon_rank_se")],
         [float(bounds.estimate), float(lo), float(hi), float(bounds.standard_error)], rtol=1e-6)
     assert float(lo) <= float(record["epsilon_rank"]) <= float(hi)
-    smoothed, _, tail = smoothed_epsilon_rank(density, 0.05)
+    smoothed, _, tail = _smoothed(density, 0.05)
     np.testing.assert_allclose(float(record["epsilon_rank_smoothed"]), float(smoothed))
     np.testing.assert_allclose(float(record["epsilon_rank_smoothing_sigma"]),
                                float(jnp.sqrt(density.variance)))
@@ -255,10 +255,10 @@ def test_epsilon_count_and_smoothed_rank_on_known_values():
     density = SpectralDensity(grid=jnp.zeros(2), density=jnp.zeros(2), nodes=jnp.zeros((2, 2)),
                               weights=jnp.asarray([[1.0, 0.0], [1.0, 0.0]]),
                               variance=jnp.asarray(sigma ** 2))
-    smoothed, _, tail = smoothed_epsilon_rank(density, 0.01)
+    smoothed, _, tail = _smoothed(density, 0.01)
     expected = 2 * (1 - jax.scipy.stats.norm.cdf(0.01 / sigma))
     np.testing.assert_allclose([float(smoothed), float(tail)], [expected, expected], rtol=1e-5)
-    assert float(epsilon_rank(density, 0.01)) == 0.0
+    assert float(_rank(density, 0.01)) == 0.0
 
 
 def test_bad_input_gets_clear_errors(mlp_problem):

@@ -223,12 +223,18 @@ def test_new_task_hessian_is_taken_on_the_new_task_at_the_previous_final_params(
     assert 0.0 <= float(rows["epsilon_rank_init"][0]) <= 1.0
 
 
-def test_the_start_of_task_hessian_sees_the_head_unless_before_hessian_is_asked(monkeypatch):
-    stream, config, previous, state, rows = _two_tasks(monkeypatch, True)
+def test_the_start_of_task_hessian_sees_the_head_before_the_stream_zeroes_it(monkeypatch):
+    stream, config, previous, _, rows = _two_tasks(monkeypatch, True)
     x, y = stream.eval_data(stream.begin_task(None, 1))  # hessian.examples: all 20
     # "stream": the head is zeroed after the measurement, so it measured the previous params.
     np.testing.assert_allclose(float(rows["top_eigenvalue_init"][0]),
                                _dense_top_eigenvalue(config, previous, x, y), rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_head_reset_before_hessian_and_never(monkeypatch):
+    stream, config, _, state, _ = _two_tasks(monkeypatch, True)
+    x, y = stream.eval_data(stream.begin_task(None, 1))
     _, _, before_previous, _, before = _two_tasks(monkeypatch, True, head_reset="before_hessian")
     zeroed = {**before_previous, "head": jax.tree.map(jnp.zeros_like, before_previous["head"])}
     np.testing.assert_allclose(float(before["top_eigenvalue_init"][0]),
@@ -314,7 +320,9 @@ HOOK_SWEEPS = {  # a method, its settings, and two values of one of its hook set
 }
 
 
-@pytest.mark.parametrize("method", list(HOOK_SWEEPS))
+# L2-ER's in the default suite; CBP's and ReDo's (the same path, another hook) in make test-slow.
+@pytest.mark.parametrize("method", [m if m == "l2_er" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in HOOK_SWEEPS])
 def test_a_swept_hook_setting_takes_effect(tiny_stream, method):
     settings, name, (a, b) = HOOK_SWEEPS[method]
     trainer = supervised.make_train(tiny_config(method, **settings))
