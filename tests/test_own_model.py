@@ -1,18 +1,11 @@
-"""docs/OWN_MODEL.md's code blocks, and examples/own_model.py on tiny generated data."""
+"""examples/own_model.py on tiny generated data (docs/OWN_MODEL.md's code blocks run in
+tests/test_docs.py with every page's)."""
 
 import importlib.util
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "OWN_MODEL.md").read_text(), re.S)
-
-
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_doc_block_runs(index):
-    exec(compile(BLOCKS[index], f"OWN_MODEL.md block {index}", "exec"), {})
 
 
 def test_example_trains_both_models_and_prints_the_diagnostics(capsys):

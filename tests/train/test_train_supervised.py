@@ -369,6 +369,7 @@ def test_stream_data_are_a_jit_argument_not_a_constant(tiny_stream):
     assert pattern not in passed.lower(state, {}, trainer.data).as_text()
 
 
+@pytest.mark.slow  # values: tests/curvature; the chunk with KFAC traced: tests/test_preflight.py
 def test_kfac_diagnostics_are_recorded_at_new_task_initialization(tiny_stream):
     from spectral_plasticity.curvature import kfac_diagnostics
 

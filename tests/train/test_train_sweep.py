@@ -200,6 +200,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     pd.testing.assert_frame_equal(_sweep(run_dir), _sweep(tmp_path / "whole"), check_exact=True)
 
 
+@pytest.mark.slow  # the lock itself: test_the_lock_of_a_killed_process_is_taken_over
 def test_two_sweeps_on_one_directory_lose_and_duplicate_no_row(tmp_path):
     """The issue's scenario: the same command started again once checkpoint 2 exists."""
     shared, whole = tmp_path / "shared", tmp_path / "whole"
