@@ -20,10 +20,12 @@ CLI_ARGS = --exp=$(EXP) --scale=$(SCALE) --workdir=$(WORKDIR) $(if $(SEEDS),--se
 # Runs a resumable command again while it exits with 75 (train/watchdog.py: a stalled XLA CPU
 # computation was stopped; the rerun resumes from the last checkpoint), at most 5 more times.
 # A command stopped by SIGTERM (143, after saving its chunk) stops make by the same signal, so
-# a supervisor sees 143 rather than make's 2.
+# a supervisor sees 143 rather than make's 2 (the shell stays a moment, so that make handles the
+# signal while its child still runs: otherwise make sometimes stops with "wait: No child
+# processes" and exits 2).
 resuming = status=75; tries=0; while [ $$status -eq 75 ] && [ $$tries -lt 6 ]; do \
 	$(1); status=$$?; tries=$$((tries + 1)); done; \
-	if [ $$status -eq 143 ]; then kill -TERM $$PPID; fi; exit $$status
+	if [ $$status -eq 143 ]; then kill -TERM $$PPID; sleep 1; fi; exit $$status
 
 .PHONY: test test-slow lint bench sweep list plots reproduce clean-venv
 
