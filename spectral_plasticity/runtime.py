@@ -24,8 +24,9 @@ keeps a copy of every loop-carried weight matrix in the body of a ``lax.scan`` w
 updates it in place (the step reads the old weights in the forward and backward passes, then
 writes the new ones): a full extra read and write of the weights per step, which at batch 1 is
 most of the step. ``xla_cpu_copy_insertion_use_region_analysis`` proves the reads come first and
-drops the copies: the trainer's chunk at batch 1 ran 1.6-2.6x faster (``benchmarks/
-supervised.py``), with bit-identical results (``tests/test_runtime.py``).
+drops the copies: at batch 1 the trainer ran 1.9x faster on the paper's 3x1000 MLP
+(``benchmarks/supervised.py``, docs/SPEED.md), with bit-identical results
+(``tests/test_runtime.py``).
 
 Everything concerns the CPU backend only; a user's own choice (``OPENBLAS_NUM_THREADS``,
 ``XLA_FLAGS``, ``JAX_CPU_ENABLE_ASYNC_DISPATCH``) wins. ``train.watchdog`` stays as the net.

@@ -32,23 +32,22 @@ def config(method: str):
     return c
 
 
-def _chunk(method: str):
+def compiled(method: str):
+    """The chunk of ``method`` compiled for 2 vmapped seeds, and their initial states."""
     trainer = supervised.make_train(config(method))
     keys = jax.vmap(jax.random.key)(jnp.arange(2, dtype=jnp.uint32))
-    return jax.jit(jax.vmap(trainer.run_chunk)), jax.jit(jax.vmap(trainer.init))(keys, {})
+    states = jax.jit(jax.vmap(trainer.init))(keys, {})
+    return jax.jit(jax.vmap(trainer.run_chunk)).lower(states, {}).compile(), states
 
 
-def weight_copies(method: str) -> int:
-    """How many ``(WIDTH, WIDTH)`` weight matrices the compiled chunk copies from a carry."""
-    chunk, states = _chunk(method)
-    text = chunk.lower(states, {}).compile().as_text()
+def weight_copies(chunk) -> int:
+    """How many ``(WIDTH, WIDTH)`` weight matrices a compiled chunk copies from a carry."""
     weight = rf"f32\[2,{WIDTH},{WIDTH}\]"
-    return len(re.findall(rf"= {weight}\{{[0-9,]+\}} copy\(%get-tuple-element", text))
+    return len(re.findall(rf"= {weight}\{{[0-9,]+\}} copy\(%get-tuple-element", chunk.as_text()))
 
 
-def final(method: str) -> dict[str, np.ndarray]:
+def final(method: str, chunk, states) -> dict[str, np.ndarray]:
     """The rows and final flat weights of one chunk, keyed ``method/name``."""
-    chunk, states = _chunk(method)
     state, rows = chunk(states, {})
     flat = {f"{method}/{k}": np.asarray(v) for k, v in rows.items()}
     flat[f"{method}/params"] = np.asarray(jax.vmap(lambda p: ravel_pytree(p)[0])(state.params))
@@ -56,7 +55,9 @@ def final(method: str) -> dict[str, np.ndarray]:
 
 
 def main(out: str) -> None:
-    np.savez(out, copies=weight_copies("bp"), **final("bp"), **final("l2_er"))
+    bp, bp_states = compiled("bp")
+    np.savez(out, copies=weight_copies(bp), **final("bp", bp, bp_states),
+             **final("l2_er", *compiled("l2_er")))
 
 
 if __name__ == "__main__":

@@ -103,9 +103,10 @@ def test_resolution_is_the_half_width_of_the_estimates_interval():
               claims.WEIGHTS: np.stack([[d.weights for d in densities], [nan, nan]])}
     got = claims.resolution_at(arrays, [0.01, 0.5])
     assert got.shape == (2, 2, 2) and np.all(np.isnan(got[1]))
+    bounds = jax.jit(epsilon_rank_bounds)
     for k, density in enumerate(densities):
         for j, eps in enumerate((0.01, 0.5)):
-            lo, hi = jax.jit(epsilon_rank_bounds)(density, eps).interval()
+            lo, hi = bounds(density, eps).interval()
             np.testing.assert_allclose(got[0, k, j], (float(hi) - float(lo)) / 2, rtol=1e-5)
     assert np.all((got[0] > 0) & (got[0] <= 0.5))
 

@@ -1,6 +1,7 @@
 """The JAX settings our entry points make (``spectral_plasticity.runtime``); a user's own choice
 wins."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,8 +35,6 @@ def test_async_dispatch_is_off_unless_the_user_chose(monkeypatch):
 
 
 def test_xla_flags_are_added_once_and_a_user_choice_is_kept(monkeypatch):
-    import os
-
     ours = [f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS.items()]
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     runtime.configure_runtime()
@@ -50,12 +49,11 @@ def test_xla_flags_are_added_once_and_a_user_choice_is_kept(monkeypatch):
 def test_a_scan_step_does_not_copy_the_weights_it_updates():
     """The trainer's compiled chunk (vmapped seeds), under the flags the tests run with
     (conftest): no weight matrix is copied from the scan's carry (runtime docstring)."""
-    import sys
-
-    sys.path.insert(0, str(FIXTURE.parent))
-    import copy_insertion_fixture
-
-    assert copy_insertion_fixture.weight_copies("bp") == 0
+    spec = importlib.util.spec_from_file_location("copy_insertion_fixture", FIXTURE)
+    fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture)
+    chunk, _ = fixture.compiled("bp")
+    assert fixture.weight_copies(chunk) == 0
 
 
 @pytest.mark.slow

@@ -38,6 +38,9 @@ EPS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 NUM_ITERS, NUM_PROBES = 40, 16
 RESOLVED = 0.02  # bounds at most this wide: eps is resolved (docs/MEASURING.md)
 ROUNDING = 1e-4  # float32 Lanczos: the bounds hold up to rounding
+# Jitted once per shape: the bounds' Lanczos and eigh run eagerly op by op otherwise.
+_bounds, _rank = jax.jit(epsilon_rank_bounds), jax.jit(epsilon_rank)
+_smoothed, _fast = jax.jit(smoothed_epsilon_rank), jax.jit(fast_fraction_bounds)
 
 
 class ReluMLP(nn.Module):
@@ -161,11 +164,6 @@ def test_exact_fraction_inside_bounds_and_estimate_close_when_resolved(model_nam
     expected_se = np.sqrt(2 * exact * (1 - exact) / (n + 2) / NUM_PROBES)
     np.testing.assert_allclose(np.asarray(bounds.standard_error)[resolved],
                                expected_se[resolved], rtol=0.6, atol=2e-3)
-
-
-# Jitted once per shape: the bounds' Lanczos and eigh run eagerly op by op otherwise.
-_bounds, _rank = jax.jit(epsilon_rank_bounds), jax.jit(epsilon_rank)
-_smoothed, _fast = jax.jit(smoothed_epsilon_rank), jax.jit(fast_fraction_bounds)
 
 
 def _diagonal(values):
