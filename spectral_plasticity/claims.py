@@ -29,6 +29,7 @@ ALPHA = 0.05
 # Ritz values and weights per probe (the quadrature; the unbiased estimate), and the smoothed
 # density on its grid (the paper's measure).
 NODES, WEIGHTS = "ritz_nodes_init", "ritz_weights_init"
+DIM = "curvature_dim_init"
 DENSITY, DENSITY_GRID = "density_init", "density_grid"
 # An eps is resolved when the estimate's interval half-width there is at most this (median over
 # the measured tasks): the target of docs/MEASURING.md.
@@ -146,12 +147,22 @@ def epsilon_rank_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float],
     return np.sum(weights[..., None] * outside, axis=-2).mean(axis=-2)
 
 
-def resolution_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float]) -> np.ndarray:
+def recorded_dim(table: pd.DataFrame) -> float | None:
+    """The measured Hessian's dimension (``DIM``) of a run's results, ``None`` in results
+    recorded before it was (their standard errors then come from 2 or more probes)."""
+    values = table[DIM].dropna() if DIM in table else ()
+    return float(values.iloc[0]) if len(values) else None
+
+
+def resolution_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float],
+                  dim: float | None = None) -> np.ndarray:
     """Half-width of the estimate's interval (``FractionBounds.interval()``: the certain
     Chebyshev-Markov-Stieltjes bounds widened by 2 standard errors over probes) at every
     ``eps``, from the recorded quadratures ``NODES``/``WEIGHTS``: ``(runs, rows, len(eps))``,
-    NaN where nothing was measured. Where it is large, eps is below what the Lanczos run
-    resolves (docs/MEASURING.md) and the estimate there must not be read as precise."""
+    NaN where nothing was measured. ``dim`` is the Hessian's dimension (``recorded_dim``),
+    which gives the probes' exact standard error; without it, the sample one over the probes.
+    Where the half-width is large, eps is below what the Lanczos run resolves
+    (docs/MEASURING.md) and the estimate there must not be read as precise."""
     import jax
     import jax.numpy as jnp
 
@@ -167,7 +178,7 @@ def resolution_at(arrays: Mapping[str, np.ndarray], eps: Sequence[float]) -> np.
     @jax.jit
     def half_widths(n: jax.Array, w: jax.Array) -> jax.Array:
         def one(e: jax.Array) -> jax.Array:
-            lo, hi = epsilon_rank_bounds(SpectralDensity(empty, empty, n, w, empty[0]),
+            lo, hi = epsilon_rank_bounds(SpectralDensity(empty, empty, n, w, empty[0], dim),
                                          e).interval()
             return (hi - lo) / 2
         return jax.vmap(one)(jnp.asarray(eps, n.dtype))

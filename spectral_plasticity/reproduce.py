@@ -492,7 +492,8 @@ def eps_curves(workdir: Path, plan: Plan, columns: plots.PlotColumns
                 continue
             rank = claims.epsilon_rank_at(arrays, plan.study.eps_grid, smoothed)
             if not smoothed:
-                half_widths.append(claims.resolution_at(arrays, plan.study.eps_grid)
+                half_widths.append(claims.resolution_at(arrays, plan.study.eps_grid,
+                                                        claims.recorded_dim(table))
                                    .reshape(-1, len(plan.study.eps_grid)))
             for point, part in groups:
                 key = "@".join([method, *(f"{v:g}" for v in point)])

@@ -54,6 +54,7 @@ METRICS: dict[str, Metric] = {
     "epsilon_rank_smoothing_sigma": Metric(None, "the smoothing kernel's sigma"),
     "epsilon_rank_kernel_tail": Metric(None, "the zero node's kernel tail outside [-eps, eps]"),
     "top_eigenvalue": Metric(None, "largest Ritz value of the Hessian (_init, _end)"),
+    "curvature_dim": Metric(None, "dimension of the measured Hessian: the probes' n (_init, _end)"),
     "episode_return": Metric(True, "online episodic return over the phase"),
     "episode_return_last": Metric(True, "online episodic return over the phase's last tenth"),
     "episodes": Metric(None, "episodes completed in the phase"),

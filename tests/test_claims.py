@@ -101,13 +101,18 @@ def test_resolution_is_the_half_width_of_the_estimates_interval():
     nan = np.full((2, 12), np.nan)
     arrays = {claims.NODES: np.stack([[d.nodes for d in densities], [nan, nan]]),
               claims.WEIGHTS: np.stack([[d.weights for d in densities], [nan, nan]])}
-    got = claims.resolution_at(arrays, [0.01, 0.5])
-    assert got.shape == (2, 2, 2) and np.all(np.isnan(got[1]))
+    table = pd.DataFrame({claims.DIM: [np.nan, 400.0, 400.0]})
+    got = claims.resolution_at(arrays, [0.01, 0.5], claims.recorded_dim(table))
+    # Results recorded before the dimension was: the standard error over the 2 probes.
+    legacy = claims.resolution_at(arrays, [0.01, 0.5], claims.recorded_dim(pd.DataFrame()))
+    assert got.shape == legacy.shape == (2, 2, 2) and np.all(np.isnan(got[1]))
     bounds = jax.jit(epsilon_rank_bounds)
     for k, density in enumerate(densities):
         for j, eps in enumerate((0.01, 0.5)):
-            lo, hi = bounds(density, eps).interval()
-            np.testing.assert_allclose(got[0, k, j], (float(hi) - float(lo)) / 2, rtol=1e-5)
+            for half_width, dim in ((got, density.dim), (legacy, None)):
+                lo, hi = bounds(density._replace(dim=dim), eps).interval()
+                np.testing.assert_allclose(half_width[0, k, j], (float(hi) - float(lo)) / 2,
+                                           rtol=1e-5)
     assert np.all((got[0] > 0) & (got[0] <= 0.5))
 
 

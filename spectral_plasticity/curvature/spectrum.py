@@ -63,6 +63,8 @@ class SpectralDensity(NamedTuple):
       weights: ``(num_probes, num_iters)`` quadrature weights per probe (each row sums to 1; 0
         for Ritz values of a broken-down Lanczos run).
       variance: the Gaussian kernel's variance ``sigma^2``.
+      dim: the operator's dimension ``n`` (its number of eigenvalues), which sets the probes'
+        variance (``FractionBounds``); ``None`` when unknown.
     """
 
     grid: jax.Array
@@ -70,6 +72,7 @@ class SpectralDensity(NamedTuple):
     nodes: jax.Array
     weights: jax.Array
     variance: jax.Array
+    dim: int | jax.Array | None = None
 
 
 def as_operator(curvature: Curvature, params: PyTree | None = None,
@@ -174,7 +177,7 @@ def spectral_density(curvature: Curvature, params: PyTree | None = None, *, key:
     nodes, weights = jax.vmap(one)(jax.random.split(key, num_probes))
     grid, density, variance = _smooth(nodes, weights, grid_size, sigma_squared, grid_expand)
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights,
-                           variance=variance)
+                           variance=variance, dim=op.dim)
 
 
 def hessian_trace(curvature: Curvature, params: PyTree | None = None, *, key: jax.Array,
@@ -213,8 +216,13 @@ class FractionBounds(NamedTuple):
       lower, upper: mean over probes of bounds that are certain for each probe's spectral
         measure (Chebyshev-Markov-Stieltjes): they cover the quadrature error, not the
         variance over probes.
-      standard_error: standard deviation over probes of the per-probe estimates, divided by
-        ``sqrt(num_probes)``.
+      standard_error: the standard error of the mean over probes of each probe's mass in the
+        set. With the operator's dimension ``n`` known it is exact for Gaussian probes: a
+        probe's weights on the ``n`` eigenvectors are Dirichlet(1/2, ..., 1/2), so its mass on
+        a fraction ``p`` of them is Beta(n p / 2, n (1 - p) / 2), of variance
+        ``2 p (1 - p) / (n + 2)``; ``p (1 - p)`` is taken at the point of ``[lower, upper]``
+        nearest 1/2 (at least the value at the unknown ``p``). Without ``n``: the sample
+        standard deviation over the probes (at least 2) divided by ``sqrt(num_probes)``.
     """
 
     estimate: jax.Array
@@ -327,12 +335,30 @@ def _cdf_bounds(nodes: jax.Array, weights: jax.Array, points: jax.Array
     return jax.vmap(one_probe)(nodes, weights)
 
 
-def _fraction(per_probe: jax.Array, lower: jax.Array, upper: jax.Array) -> FractionBounds:
+def _check_bounds_input(nodes: jax.Array, dim: int | jax.Array | None, caller: str) -> None:
+    num_probes, num_nodes = nodes.shape
+    if num_nodes < 2:
+        raise ValueError(f"{caller} needs at least 2 Ritz nodes per probe (num_iters >= 2); one "
+                         "node bounds nothing")
+    if num_probes < 2 and dim is None:
+        raise ValueError(f"{caller}: the standard error of a single probe needs the operator's "
+                         "dimension (SpectralDensity.dim, which spectral_density sets); without "
+                         "it, at least 2 probes are needed (num_probes >= 2)")
+
+
+def _fraction(per_probe: jax.Array, lower: jax.Array, upper: jax.Array,
+              dim: int | jax.Array | None) -> FractionBounds:
     num_probes = per_probe.shape[0]
-    return FractionBounds(estimate=jnp.mean(per_probe),
-                          lower=jnp.mean(jnp.clip(lower, 0.0, 1.0)),
-                          upper=jnp.mean(jnp.clip(upper, 0.0, 1.0)),
-                          standard_error=jnp.std(per_probe, ddof=1) / jnp.sqrt(num_probes))
+    lower = jnp.mean(jnp.clip(lower, 0.0, 1.0))
+    upper = jnp.mean(jnp.clip(upper, 0.0, 1.0))
+    if dim is None:
+        standard_error = jnp.std(per_probe, ddof=1) / jnp.sqrt(num_probes)
+    else:
+        p = jnp.clip(0.5, lower, upper)
+        standard_error = jnp.sqrt(2.0 * p * (1.0 - p) / (jnp.asarray(dim, per_probe.dtype) + 2.0)
+                                  / num_probes)
+    return FractionBounds(estimate=jnp.mean(per_probe), lower=lower, upper=upper,
+                          standard_error=standard_error)
 
 
 def epsilon_rank(density: SpectralDensity, eps: float | jax.Array) -> jax.Array:
@@ -367,23 +393,19 @@ def epsilon_rank_bounds(density: SpectralDensity, eps: float | jax.Array) -> Fra
     informative). ``FractionBounds.interval()`` adds the probes' standard error.
 
     Args:
-      density: a ``SpectralDensity`` with at least 2 probes and 2 Ritz nodes per probe.
+      density: a ``SpectralDensity`` with at least 2 Ritz nodes per probe, and its ``dim`` or
+        at least 2 probes (for the standard error).
       eps: the threshold, >= 0.
     """
     _check_threshold(eps, "eps")
     nodes, weights = _quadrature(density, "epsilon_rank_bounds")
-    num_probes, num_nodes = nodes.shape
-    if num_nodes < 2:
-        raise ValueError("bounds need at least 2 Ritz nodes per probe (num_iters >= 2); one "
-                         "node bounds nothing")
-    if num_probes < 2:
-        raise ValueError("the standard error needs at least 2 probes (num_probes >= 2)")
+    _check_bounds_input(nodes, density.dim, "epsilon_rank_bounds")
     eps = jnp.asarray(eps, nodes.dtype)
     lower, upper = _cdf_bounds(nodes, weights, jnp.stack([-eps, eps]))
     outside_lo = lower[:, 0] + 1.0 - upper[:, 1]
     outside_hi = upper[:, 0] + 1.0 - lower[:, 1]
     per_probe = jnp.sum(jnp.where(jnp.abs(nodes) > eps, weights, 0.0), axis=-1)
-    return _fraction(per_probe, outside_lo, outside_hi)
+    return _fraction(per_probe, outside_lo, outside_hi, density.dim)
 
 
 def fast_fraction_bounds(density: SpectralDensity, threshold: float | jax.Array
@@ -397,13 +419,11 @@ def fast_fraction_bounds(density: SpectralDensity, threshold: float | jax.Array
     """
     _check_threshold(threshold, "threshold")
     nodes, weights = _quadrature(density, "fast_fraction_bounds")
-    if nodes.shape[1] < 2 or nodes.shape[0] < 2:
-        raise ValueError("bounds need at least 2 Ritz nodes per probe and 2 probes, got "
-                         f"{nodes.shape[1]} and {nodes.shape[0]}")
+    _check_bounds_input(nodes, density.dim, "fast_fraction_bounds")
     threshold = jnp.asarray(threshold, nodes.dtype)
     lower, upper = _cdf_bounds(nodes, weights, threshold[None])
     per_probe = jnp.sum(jnp.where(nodes >= threshold, weights, 0.0), axis=-1)
-    return _fraction(per_probe, 1.0 - upper[:, 0], 1.0 - lower[:, 0])
+    return _fraction(per_probe, 1.0 - upper[:, 0], 1.0 - lower[:, 0], density.dim)
 
 
 def smoothed_epsilon_rank(density: SpectralDensity, eps: float | jax.Array
@@ -463,11 +483,13 @@ def epsilon_rank_record(density: SpectralDensity, eps: float | jax.Array
 
 def spectrum_record(density: SpectralDensity, eps: float | jax.Array) -> dict[str, jax.Array]:
     """What a trainer records of one measured spectrum: ``epsilon_rank_record``, the largest
-    Ritz value with weight (``top_eigenvalue``), the smoothed ``density`` on ``density_grid``,
-    and the quadrature itself, ``ritz_nodes``/``ritz_weights`` ``(num_probes, num_iters)``, from
-    which the epsilon-rank estimate and bounds can be recomputed later at any eps."""
+    Ritz value with weight (``top_eigenvalue``), the operator's dimension (``curvature_dim``),
+    the smoothed ``density`` on ``density_grid``, and the quadrature itself,
+    ``ritz_nodes``/``ritz_weights`` ``(num_probes, num_iters)``, from which the epsilon-rank
+    estimate and bounds can be recomputed later at any eps."""
     top = jnp.max(jnp.where(density.weights > 0, density.nodes, -jnp.inf))
     return {**epsilon_rank_record(density, eps), "top_eigenvalue": top,
+            "curvature_dim": jnp.asarray(density.dim, jnp.float32),
             "density": density.density, "density_grid": density.grid,
             "ritz_nodes": density.nodes, "ritz_weights": density.weights}
 

@@ -204,7 +204,7 @@ def _paper_config(env_name: str) -> ml_collections.ConfigDict:
         "name": "adam", "learning_rate": 1e-4, "b1": 0.99, "b2": 0.99, "eps": 1e-8})
     c.measure_hessian = True
     c.hessian = ml_collections.ConfigDict({"num_iters": 100, "grid_size": 10_000, "eps": 0.01,
-                                          "num_probes": 2})
+                                          "num_probes": 1})
     c.feature_samples = 2048
     c.method_settings = ml_collections.ConfigDict(method_registry.DEFAULTS)
     c.method_settings.l2 = 1e-3  # Dohare et al.'s PPO+L2 weight decay

@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     # ``examples`` of its "train" presentation order (the paper's epsilon-rank figures).
     c.hessian = ml_collections.ConfigDict({
         "num_iters": 50, "grid_size": 1000, "eps": 0.01, "chunk_size": 100, "examples": 500,
-        "num_probes": 2, "data": "eval"})
+        "num_probes": 1, "data": "eval"})
     # head_reset: "stream" (the stream's protocol, e.g. Dohare et al.'s zeroed head on
     # continual ImageNet, after the start-of-task Hessian), "never", or "before_hessian".
     c.head_reset = "stream"

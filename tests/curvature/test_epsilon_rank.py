@@ -225,6 +225,39 @@ def test_gauss_radau_bounds_on_a_known_measure():
         assert float(fast.lower) <= float(fast.estimate) <= float(fast.upper)
 
 
+@pytest.mark.parametrize("values, num_iters", [
+    # four distinct eigenvalues: 4 Lanczos steps exhaust the Krylov space (exact quadrature)
+    (np.concatenate([np.zeros(700), np.ones(150), np.full(100, -0.5), np.full(50, 2.0)]), 6),
+    # a continuous spectrum, far from exhausted: the bounds carry the quadrature error
+    (np.linspace(-1.0, 3.0, 1000), 12)])
+def test_one_probe_interval_covers_the_exact_fraction_at_its_level(values, num_iters):
+    """400 single-probe measurements of a known spectrum, at eps 0.3 (a fraction outside of 0.3
+    and 0.85): the one-probe standard error (the Beta law of a Gaussian probe's mass) is the
+    spread of the one-probe estimates when the quadrature is exact, and the one-probe intervals
+    cover the exact fraction about 95% of the time (2 standard errors), or more where the
+    certain bounds add the quadrature's slack."""
+    eps, trials = 0.3, 400
+    exact = float(np.mean(np.abs(values) > eps))
+
+    @jax.jit
+    def measure(key):
+        density = spectral_density(_diagonal(values), key=key, num_iters=num_iters,
+                                   num_probes=1, grid_size=20)
+        bounds = epsilon_rank_bounds(density, eps)
+        return bounds.estimate, bounds.standard_error, *bounds.interval()
+
+    estimate, se, lo, hi = (np.asarray(a) for a in jax.lax.map(
+        measure, jax.random.split(jax.random.key(5), trials)))
+    np.testing.assert_allclose(se, np.sqrt(2 * 0.25 / (len(values) + 2)), rtol=0.35)
+    coverage = np.mean((lo <= exact) & (exact <= hi))
+    if num_iters == 6:  # exact quadrature: the spread is the probes' alone
+        np.testing.assert_allclose(np.std(estimate, ddof=1), np.mean(se), rtol=0.12)
+        np.testing.assert_allclose(np.mean(estimate), exact, atol=3 * np.mean(se) / 20)
+        assert 0.92 <= coverage <= 0.99, coverage
+    else:
+        assert coverage >= 0.95, coverage
+
+
 def test_record_holds_every_column_consistently(mlp_problem):
     density = spectral_density(mlp_problem.loss, mlp_problem.params, key=jax.random.key(0),
                                num_iters=20, num_probes=4, grid_size=300)
@@ -282,7 +315,8 @@ def test_bad_input_gets_clear_errors(mlp_problem):
     with pytest.raises(ValueError, match="at least 2 Ritz nodes"):
         epsilon_rank_bounds(single_node, 0.01)
     one_probe = density._replace(nodes=density.nodes[:1], weights=density.weights[:1])
-    with pytest.raises(ValueError, match="at least 2 probes"):
-        epsilon_rank_bounds(one_probe, 0.01)
+    assert float(epsilon_rank_bounds(one_probe, 0.01).standard_error) > 0  # dim is known
+    with pytest.raises(ValueError, match="single probe needs the operator's dimension"):
+        epsilon_rank_bounds(one_probe._replace(dim=None), 0.01)
     with pytest.raises(ValueError, match="threshold must be non-negative"):
         fast_fraction_bounds(density, -1.0)

@@ -23,7 +23,7 @@ from spectral_plasticity.tasks.idx import ImageDataset
 from spectral_plasticity.train import method_registry, run_sweep, supervised
 
 STEPS = 10  # examples (online steps) per task
-HESSIAN_METRICS = ("density", "epsilon_rank", "top_eigenvalue", "ritz_")
+HESSIAN_METRICS = ("density", "epsilon_rank", "top_eigenvalue", "curvature_dim", "ritz_")
 
 
 class TinyStream(PermutedImages):
