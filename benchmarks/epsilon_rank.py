@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None, help="write the docs figure here")
     parser.add_argument("--figure-tasks", type=int, default=10)
     parser.add_argument("--num-iters", type=int, default=100)
-    parser.add_argument("--num-probes", type=int, default=2)
+    parser.add_argument("--num-probes", type=int, default=1, help="probes of the figure's run")
     args = parser.parse_args()
     if args.figure is None:
         cpu_scale(args.tasks, args.repeats)

@@ -220,8 +220,8 @@ class FractionBounds(NamedTuple):
         set. With the operator's dimension ``n`` known it is exact for Gaussian probes: a
         probe's weights on the ``n`` eigenvectors are Dirichlet(1/2, ..., 1/2), so its mass on
         a fraction ``p`` of them is Beta(n p / 2, n (1 - p) / 2), of variance
-        ``2 p (1 - p) / (n + 2)``; ``p (1 - p)`` is taken at the point of ``[lower, upper]``
-        nearest 1/2 (at least the value at the unknown ``p``). Without ``n``: the sample
+        ``2 p (1 - p) / (n + 2)``; for the unknown ``p``, ``p (1 - p)`` is taken at its
+        largest over ``[lower, upper]`` (the point nearest 1/2). Without ``n``: the sample
         standard deviation over the probes (at least 2) divided by ``sqrt(num_probes)``.
     """
 
