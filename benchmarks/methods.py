@@ -9,11 +9,11 @@ counts, so that a change in machine load hits every method alike. Fashion-MNIST 
 it is on disk, otherwise synthetic 784-pixel images (the speed does not depend on the pixels).
 
 It also takes apart the effective-rank ascent (``er``, ``l2_er``: one step every
-``erank_every`` updates on the features of the last ``erank_batch`` inputs), timing the step
-alone, with the gradient through ``jax.numpy.linalg.svd`` instead of the closed form, and the
-singular value decompositions alone, each as a fraction of the ``erank_every`` backprop steps it
-rides on: the ascent's share of a task, and the part of it that no implementation of the
-method avoids.
+``erank_every`` updates on the features of the last ``erank_batch`` inputs), timing the step,
+its two halves (the network's forward and backward pass over the batch, and the exact
+decompositions of the effective-rank gradient) and the step with the gradient through
+``jax.numpy.linalg.svd``'s autodiff instead of the closed form, each as a fraction of the
+``erank_every`` backprop steps it rides on.
 
     python benchmarks/methods.py                      # every method, 3x100 and 3x1000
     python benchmarks/methods.py --quick              # bp, l2, er, l2_er; 500 steps per task
@@ -31,7 +31,7 @@ import numpy as np
 
 from spectral_plasticity import experiment, metrics, runtime
 from spectral_plasticity.methods import erank_ascent
-from spectral_plasticity.methods.effective_rank import select_layers
+from spectral_plasticity.methods.effective_rank import mean_effective_rank, select_layers
 from spectral_plasticity.models import MLP
 from spectral_plasticity.tasks import PermutedImages
 from spectral_plasticity.tasks.idx import idx_dataset_or_random
@@ -75,9 +75,10 @@ def task_seconds(methods: list[str], width: int, steps: int, repeats: int
 
 
 def ascent_parts(width: int, repeats: int) -> dict[str, float]:
-    """Seconds of one ER ascent step, of the same step through ``jnp.linalg.svd``'s autodiff,
-    and of the singular value decompositions with vectors alone, on the features of
-    ``erank_batch`` inputs."""
+    """Seconds of one ER ascent step and of its two halves, on the features of ``erank_batch``
+    inputs: the network's forward and backward pass (the step with a fixed linear objective
+    of the features in place of the effective rank), and the effective-rank gradient of fixed
+    features (the exact decompositions); and the step through ``jnp.linalg.svd``'s autodiff."""
     settings = method_registry.DEFAULTS
     config = _config("er", width, 2000)
     model = MLP(hidden_sizes=tuple(config.model.hidden_sizes), num_outputs=10)
@@ -85,19 +86,21 @@ def ascent_parts(width: int, repeats: int) -> dict[str, float]:
     params = model.init(jax.random.key(0), inputs)["params"]
     features_fn = lambda p: model.apply({"params": p}, inputs)[1]
     layers = select_layers(features_fn(params), settings["erank_layers"])
-
-    def svd_path(p):
-        grads = jax.grad(lambda q: jnp.mean(jnp.stack(
-            [metrics.effective_rank(f) for n, f in features_fn(q).items() if n in layers])))(p)
-        return jax.tree.map(lambda a, g: a + 1e-3 * g, p, grads)
-
     features = features_fn(params)
+
+    def ascent_on(objective):
+        grads = jax.grad(lambda q: objective(features_fn(q)))(params)
+        return jax.tree.map(lambda a, g: a + 1e-3 * g, params, grads)
+
+    svd_erank = lambda f: jnp.mean(jnp.stack([metrics.effective_rank(f[n]) for n in layers]))
     programs = {
         "ascent": (jax.jit(lambda p: erank_ascent(p, features_fn, learning_rate=1e-3,
                                                   layers=layers)), params),
-        "ascent_svd_autodiff": (jax.jit(svd_path), params),
-        "svds": (jax.jit(lambda f: [jnp.linalg.svd(f[n], full_matrices=False)
-                                    for n in layers]), features),
+        "network": (jax.jit(lambda c: ascent_on(
+            lambda f: sum(jnp.vdot(f[n], c[n]) for n in layers))), features),
+        "decompositions": (jax.jit(jax.grad(lambda f: mean_effective_rank(f, layers))),
+                           features),
+        "ascent_svd_autodiff": (jax.jit(lambda _: ascent_on(svd_erank)), params),
     }
     out = {}
     for name, (fn, arg) in programs.items():
@@ -116,12 +119,11 @@ def report(width: int, steps: int, seconds: dict[str, float], parts: dict[str, f
         return
     every = method_registry.DEFAULTS["erank_every"]
     per_updates = bp / steps * every
+    share = lambda name: f"{parts[name] * 1e3:.2f} ms = {parts[name] / per_updates:.2f}"
     print(f"  ER ascent, per {every} bp steps ({per_updates * 1e3:.2f} ms): step "
-          f"{parts['ascent'] * 1e3:.2f} ms = {parts['ascent'] / per_updates:.2f}; through "
-          f"jnp.linalg.svd's autodiff {parts['ascent_svd_autodiff'] * 1e3:.2f} ms = "
-          f"{parts['ascent_svd_autodiff'] / per_updates:.2f}; the SVDs alone "
-          f"{parts['svds'] * 1e3:.2f} ms = {parts['svds'] / per_updates:.2f} (the least any "
-          "exact ascent adds)")
+          f"{share('ascent')}, of which the network's forward and backward pass "
+          f"{share('network')} and the exact decompositions {share('decompositions')}; "
+          f"the step through jnp.linalg.svd's autodiff {share('ascent_svd_autodiff')}")
 
 
 def main() -> None:
