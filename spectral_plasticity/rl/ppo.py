@@ -154,11 +154,12 @@ def default_config(env_name: str = "slippery_ant", scale: str = "small"
       reg, ReDo, Shrink & Perturb).
     - ``small``: a CPU default that shows learning within a phase in about 10 minutes on 2
       cores for bp and L2-ER with 2 seeds (Slippery Ant: 3 phases of 200k steps, 64 x 32
-      transitions per update, 4 epochs x 8 minibatches, lr 1e-3, 20 Lanczos steps). So short
-      a budget needs a policy that starts near standing still: the actor's output weights
-      start 100x smaller (Andrychowicz et al. 2021) and, for the ant, ``log_std`` at -1. With
-      the paper's initialization (action means of order 1, std 1) the ant's control cost
-      exceeds its survival reward, and in 200k steps PPO learns only to end episodes sooner.
+      transitions per update, 4 epochs x 8 minibatches, lr 1e-3, 100 Lanczos steps at eps 3;
+      CartPole at eps 1). So short a budget needs a policy that starts near standing still:
+      the actor's output weights start 100x smaller (Andrychowicz et al. 2021) and, for the
+      ant, ``log_std`` at -1. With the paper's initialization (action means of order 1, std
+      1) the ant's control cost exceeds its survival reward, and in 200k steps PPO learns only
+      to end episodes sooner.
     - ``tiny``: seconds, for tests.
 
     Args:
