@@ -85,27 +85,27 @@ def ascent_parts(width: int, repeats: int) -> dict[str, float]:
     inputs = jax.random.uniform(jax.random.key(1), (settings["erank_batch"], 784))
     params = model.init(jax.random.key(0), inputs)["params"]
     features_fn = lambda p: model.apply({"params": p}, inputs)[1]
-    layers = select_layers(features_fn(params), settings["erank_layers"])
     features = features_fn(params)
+    layers = select_layers(features, settings["erank_layers"])
 
-    def ascent_on(objective):
-        grads = jax.grad(lambda q: objective(features_fn(q)))(params)
-        return jax.tree.map(lambda a, g: a + 1e-3 * g, params, grads)
+    def ascent_on(objective, p):
+        grads = jax.grad(lambda q: objective(features_fn(q)))(p)
+        return jax.tree.map(lambda a, g: a + 1e-3 * g, p, grads)
 
     svd_erank = lambda f: jnp.mean(jnp.stack([metrics.effective_rank(f[n]) for n in layers]))
-    programs = {
+    linear = lambda c: lambda f: sum(jnp.vdot(f[n], c[n]) for n in layers)
+    programs = {  # params are arguments, never compile-time constants
         "ascent": (jax.jit(lambda p: erank_ascent(p, features_fn, learning_rate=1e-3,
-                                                  layers=layers)), params),
-        "network": (jax.jit(lambda c: ascent_on(
-            lambda f: sum(jnp.vdot(f[n], c[n]) for n in layers))), features),
+                                                  layers=layers)), (params,)),
+        "network": (jax.jit(lambda p, c: ascent_on(linear(c), p)), (params, features)),
         "decompositions": (jax.jit(jax.grad(lambda f: mean_effective_rank(f, layers))),
-                           features),
-        "ascent_svd_autodiff": (jax.jit(lambda _: ascent_on(svd_erank)), params),
+                           (features,)),
+        "ascent_svd_autodiff": (jax.jit(lambda p: ascent_on(svd_erank, p)), (params,)),
     }
     out = {}
-    for name, (fn, arg) in programs.items():
-        jax.block_until_ready(fn(arg))
-        out[name] = min(_elapsed(lambda f=fn, a=arg: f(a)) for _ in range(max(5, 5 * repeats)))
+    for name, (fn, args) in programs.items():
+        jax.block_until_ready(fn(*args))
+        out[name] = min(_elapsed(lambda f=fn, a=args: f(*a)) for _ in range(max(5, 5 * repeats)))
     return out
 
 
